@@ -1,0 +1,169 @@
+"""The engine: requests in, streamed outputs out. The chat app, the Python API and the HTTP server all
+drive this one object; `step()` is the whole loop body."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from perfxllm.engine.block_manager import BlockManager
+from perfxllm.engine.config import EngineConfig
+from perfxllm.engine.detokenizer import Detokenizer
+from perfxllm.engine.kv_cache import KVCache, bytes_per_block
+from perfxllm.engine.model_runner import ModelRunner
+from perfxllm.engine.sampler import Sample, Sampler
+from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
+from perfxllm.engine.sequence import Sequence
+from perfxllm.errors import PerfxError, RequestError
+from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
+from perfxllm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str  # new text since the last output of this request
+    token_ids: list[int]  # new tokens since the last output
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[Sample] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PerfxError("--device cuda was asked for, but no CUDA GPU is available")
+    return dev
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        ckpt = open_checkpoint(config.model)
+        self.model_path, self.model_config, self.tokenizer = ckpt.path, ckpt.config, ckpt.tokenizer
+        self.dtype = resolve_dtype(config.dtype, self.device, ckpt.config)
+        self.max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)
+        self.model = build_model(ckpt, self.device, self.dtype)
+        num_blocks = self._num_kv_blocks()
+        self.kv_cache = KVCache(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.sampler = Sampler(self.device, config.seed)
+        self.seqs: dict[str, Sequence] = {}
+        self.detokenizers: dict[str, Detokenizer] = {}
+        self._ids = itertools.count()
+
+    def _num_kv_blocks(self) -> int:
+        per_block = bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        one_seq = -(-self.max_model_len // self.config.block_size)
+        if self.config.kv_cache_memory_gb is not None:
+            budget = self.config.kv_cache_memory_gb * 2**30
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.9 * free - 2**30  # headroom for activations
+        else:
+            budget = max(2**30, one_seq * per_block)
+        num_blocks = int(budget // per_block)
+        if num_blocks < one_seq:
+            raise PerfxError(
+                f"the KV cache holds {num_blocks * self.config.block_size} tokens, less than max_model_len "
+                f"{self.max_model_len}: lower --max-model-len or give the cache more memory"
+            )
+        return num_blocks
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}"
+                " (prompt plus at least one generated token)"
+            )
+        if max(prompt_ids) >= self.model_config.vocab_size or min(prompt_ids) < 0:
+            raise RequestError("the prompt has token ids outside the vocabulary")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.seqs:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, list(prompt_ids), params)
+        self.seqs[request_id] = seq
+        self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop)
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        logits, sampling_seqs = self.runner.run(batch)
+        samples = self.sampler(logits, sampling_seqs)
+        return self._postprocess(batch, dict(zip((s.request_id for s in sampling_seqs), samples)))
+
+    def _postprocess(self, batch: ScheduledBatch, samples: dict[str, Sample]) -> list[RequestOutput]:
+        outputs = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+            sample = samples.get(seq.request_id)
+            if sample is None:  # a prompt chunk that is not the last
+                continue
+            seq.token_ids.append(sample.token_id)
+            outputs.append(self._output_for(seq, sample))
+        return outputs
+
+    def _output_for(self, seq: Sequence, sample: Sample) -> RequestOutput:
+        p, token = seq.params, sample.token_id
+        detok = self.detokenizers[seq.request_id]
+        reason = None
+        if (not p.ignore_eos and token in self.tokenizer.eos_token_ids) or token in p.stop_token_ids:
+            reason, text = "stop", detok.flush()
+        else:
+            text, hit_stop = detok.add(token)
+            if hit_stop:
+                reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+                reason = "length"
+                text += detok.flush()
+        out = RequestOutput(
+            seq.request_id,
+            text,
+            [token],
+            reason is not None,
+            reason,
+            seq.num_prompt_tokens,
+            len(seq.output_ids),
+            seq.num_cached_tokens,
+            [sample] if p.logprobs is not None else [],
+        )
+        if reason is not None:
+            self._finish(seq, reason)
+        return out
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.sampler.release(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.detokenizers.pop(seq.request_id, None)

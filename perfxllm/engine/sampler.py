@@ -1,0 +1,94 @@
+"""Turn logits into next tokens: penalties, then greedy or temperature / top-k / top-p / min-p sampling.
+
+Each request with a seed draws from its own generator, so its tokens do not depend on what else is in the
+batch. Logprobs are those of the model's distribution after penalties, before temperature and truncation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from perfxllm.engine.sequence import Sequence
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.seeded: dict[str, torch.Generator] = {}
+
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        gen = self.seeded.get(seq.request_id)
+        if gen is None:
+            gen = self.seeded[seq.request_id] = torch.Generator(device=self.device).manual_seed(
+                seq.params.seed
+            )
+        return gen
+
+    def release(self, seq: Sequence) -> None:
+        self.seeded.pop(seq.request_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+        """logits float32 [S, vocab], one row per sequence."""
+        for row, seq in zip(logits, seqs):
+            apply_penalties(row, seq)
+        samples = []
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        for i, seq in enumerate(seqs):
+            p = seq.params
+            if p.greedy:
+                token = int(logits[i].argmax())
+            else:
+                probs = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
+                token = int(torch.multinomial(probs, 1, generator=self.generator_for(seq)))
+            sample = Sample(token)
+            if p.logprobs is not None:
+                sample.logprob = float(logprobs[i, token])
+                if p.logprobs > 0:
+                    top = logprobs[i].topk(p.logprobs)
+                    sample.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            samples.append(sample)
+        return samples
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+    """In place on one row. Repetition penalty (CTRL / transformers) on prompt and output tokens; presence and
+    frequency penalties (OpenAI) on output tokens only."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+        counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[0])
+        logits -= p.frequency_penalty * counts[: logits.shape[0]] + p.presence_penalty * (
+            counts[: logits.shape[0]] > 0
+        )
+
+
+def truncated_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
+    """Probabilities [vocab] after top-k, then top-p (nucleus), then min-p; renormalised."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    if min_p > 0.0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return probs / probs.sum()

@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache.
+
+The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. A step's tokens
+from all its sequences are packed back to back ([T, ...]); `AttentionMetadata` says where each sequence's
+tokens start, where their K/V go in the cache (slot = block * block_size + offset) and which blocks hold each
+sequence's context. The torch path here is the reference and the CPU path; CUDA kernels plug in behind the
+same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    query_lens: list[int]  # new tokens of each sequence in this step
+    context_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step's writes
+    slot_mapping: torch.Tensor  # int64 [T]
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    max_context_len: int
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def paged_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q [T, Hq, D] -> out [T, Hq, D]; each sequence's queries are its last query_len positions, causal."""
+    batch, block_size = len(meta.query_lens), k_cache.shape[1]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    max_q, max_ctx = max(meta.query_lens), meta.max_context_len
+    device = q.device
+
+    # Gather each sequence's context K/V through its block table: [B, max_ctx, Hkv, D].
+    pos = torch.arange(max_ctx, device=device)
+    blocks = meta.block_tables[:, : (max_ctx + block_size - 1) // block_size].long()
+    slots = (blocks.repeat_interleave(block_size, dim=1)[:, :max_ctx] * block_size) + (pos % block_size)
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+
+    if batch == 1:
+        qp = q.unsqueeze(0)
+    else:
+        qp = q.new_zeros(batch, max_q, *q.shape[1:])
+        for b, chunk in enumerate(q.split(meta.query_lens)):
+            qp[b, : chunk.shape[0]] = chunk
+
+    # Query i of sequence b sits at position context_len - query_len + i and sees keys up to it.
+    ctx = meta.context_lens.to(device).long().view(batch, 1, 1)
+    qlen = torch.tensor(meta.query_lens, device=device).view(batch, 1, 1)
+    q_pos = ctx - qlen + torch.arange(max_q, device=device).view(1, max_q, 1)
+    mask = (pos.view(1, 1, max_ctx) <= q_pos) & (pos.view(1, 1, max_ctx) < ctx)
+
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),
+        k.transpose(1, 2).to(q.dtype),
+        v.transpose(1, 2).to(q.dtype),
+        attn_mask=mask.unsqueeze(1),
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(1, 2)
+    if batch == 1:
+        return out[0]
+    return torch.cat([out[b, :n] for b, n in enumerate(meta.query_lens)])

