@@ -21,6 +21,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
         p.add_argument(
             "--model", "-m", default=None, help="model folder or GGUF file (default: SmolLM2-135M-Instruct)"
         )
+    p.add_argument(
+        "--random-weights",
+        default=None,
+        metavar="PRESET|CONFIG",
+        help="random weights of a real shape instead of a model file: llama2-7b, llama3-8b, "
+        "qwen2-0.5b, smollm2-135m, or a config.json (for speed work)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     p.add_argument(
@@ -62,7 +69,12 @@ def sampling_params_from(args: argparse.Namespace):
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    return dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    return dict(
+        random_weights=args.random_weights,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -40,7 +40,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    ckpt = open_checkpoint(args.model)
+    ckpt = open_checkpoint(args.model, args.random_weights)
     cfg = ckpt.config
     device = torch.device("cpu")
     model = build_model(ckpt, device, resolve_dtype(args.dtype, device, cfg))

@@ -50,7 +50,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        ckpt = open_checkpoint(config.model)
+        ckpt = open_checkpoint(config.model, config.random_weights)
         self.model_path, self.model_config, self.tokenizer = ckpt.path, ckpt.config, ckpt.tokenizer
         self.dtype = resolve_dtype(config.dtype, self.device, ckpt.config)
         self.max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)

@@ -40,7 +40,16 @@ class Checkpoint:
     source: Any  # HFFolder or GGUFCheckpoint: has iter_tensors()
 
 
-def open_checkpoint(path: str | None) -> Checkpoint:
+def open_checkpoint(path: str | None, random_weights: str | None = None) -> Checkpoint:
+    """path: a Hugging Face folder or a GGUF file (None: the default model). random_weights: a preset name or
+    a config.json, for a seeded random model of that shape instead."""
+    if random_weights:
+        from perfxllm.model.random_weights import RandomCheckpoint
+
+        source = RandomCheckpoint(random_weights)
+        return Checkpoint(
+            source.name, ModelConfig.from_hf(source.config), Tokenizer(source.tokenizer, {}), source
+        )
     path = path or default_model_path()
     p = Path(path)
     if not p.exists():
@@ -112,7 +121,15 @@ def load_weights(
     if model.config.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    missing = sorted(expected - loaded)
+    shard_names = {(fused, i): proj for proj, (fused, i) in fused_shards.items()}
+    missing = [
+        f"{key.rpartition('.')[0].rpartition('.')[0]}.{shard_names[(key.split('.')[-2], i)]}.{key.rpartition('.')[2]}"
+        for key, shards in pending.items()
+        for i in range(shard_counts[key.split(".")[-2]])
+        if i not in shards
+    ]
+    missing += sorted(n for n in expected - loaded if n not in pending)
+    missing = [n if n.startswith("lm_head") else f"model.{n}" for n in missing]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ModelLoadError(f"checkpoint lacks weights: {', '.join(missing[:3])}{more}")

@@ -1,0 +1,5 @@
+import sys
+
+from perfxllm.cli import main
+
+sys.exit(main())

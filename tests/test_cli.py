@@ -1,0 +1,103 @@
+"""The command line: real subprocesses; bad input gets one clear line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model
+
+
+def perfxllm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "perfxllm", *args], capture_output=True, text=True, timeout=300)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("perfxllm: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_generate_greedy_on_tiny_model(tiny_llama):
+    r = perfxllm("generate", "-m", str(tiny_llama), "--temperature", "0", "--max-tokens", "8", "The quick")
+    assert r.returncode == 0, r.stderr
+    assert "tokens/s" in r.stderr
+
+
+def test_missing_path():
+    assert_clean_error(perfxllm("generate", "-m", "/no/such/model", "hi"), "not found", "/no/such/model")
+
+
+def test_truncated_safetensors(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_clean_error(perfxllm("generate", "-m", str(folder), "hi"), "model.safetensors")
+
+
+def test_garbage_safetensors_header(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert_clean_error(perfxllm("info", str(folder)), "model.safetensors")
+
+
+def test_unsupported_architecture(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GemmaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_clean_error(perfxllm("info", str(folder)), "GemmaForCausalLM")
+
+
+def test_missing_weight(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_tiny_model(tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    assert_clean_error(perfxllm("info", str(folder)), "model.layers.1.mlp.down_proj.weight")
+
+
+def test_not_a_model(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    assert_clean_error(perfxllm("info", str(junk)), "neither")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00" + b"\x00" * 8, b"\x00" * 1000])
+def test_corrupt_gguf(tmp_path, content):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    assert_clean_error(perfxllm("info", str(bad)), "bad.gguf")
+
+
+def test_prompt_longer_than_context(tiny_llama):
+    r = perfxllm("generate", "-m", str(tiny_llama), "--max-model-len", "16", "word " * 100)
+    assert_clean_error(r, "context")
+
+
+def test_bad_sampling_value(tiny_llama):
+    assert_clean_error(perfxllm("generate", "-m", str(tiny_llama), "--top-p", "0", "hi"), "top_p")
+
+
+def test_unknown_dtype(tiny_llama):
+    assert_clean_error(perfxllm("generate", "-m", str(tiny_llama), "--dtype", "float8", "hi"), "float8")
+
+
+def test_info_describes_model(tiny_llama):
+    r = perfxllm("info", str(tiny_llama))
+    assert r.returncode == 0, r.stderr
+    assert "LlamaForCausalLM" in r.stdout and "weights" in r.stdout
+
+
+def test_default_model_path_is_found():
+    from perfxllm.model.loader import default_model_path
+
+    assert Path(default_model_path()).is_file()
