@@ -49,7 +49,7 @@ def model_dir(request, tmp_path_factory):
 def test_logits_match_transformers(model_dir):
     ckpt = open_checkpoint(str(model_dir))
     ours = build_model(ckpt, torch.device("cpu"), torch.float32)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     for seed in range(3):  # fresh random inputs of ragged lengths, past the llama3 scaling's original context
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(
@@ -63,7 +63,7 @@ def test_logits_match_transformers(model_dir):
 
 def test_greedy_continuation_matches_transformers(model_dir):
     llm = LLM(str(model_dir))
-    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = ["The quick brown fox", "héllo 世界", "def main():\n    return"]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     batched = llm.generate(prompts, params)

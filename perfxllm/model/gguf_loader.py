@@ -1,0 +1,263 @@
+"""Load a GGUF file (llama.cpp's format) as what a Hugging Face folder gives: a config.json-style dict, a
+tokenizer, a tokenizer_config.json-style dict and dequantized tensors under Hugging Face names."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import tokenizers
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
+
+from perfxllm.errors import ModelLoadError, UnsupportedError
+from perfxllm.model.gguf_tokenizer import build_tokenizer, build_tokenizer_config
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_CONTEXT = 8192
+
+
+@dataclass
+class GGUFCheckpoint:
+    path: str
+    config: dict[str, Any]
+    tokenizer: tokenizers.Tokenizer
+    tokenizer_config: dict[str, Any]
+    tensors: dict[str, ReaderTensor] = field(repr=False)  # Hugging Face name -> the file's tensor
+
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def raw_tensor(self, hf_name: str) -> ReaderTensor:
+        """The tensor as stored: quantized, and for Llama's q/k_proj in llama.cpp's row order (see rope_row_order)."""
+        if hf_name not in self.tensors:
+            raise ModelLoadError(f"{self.path} has no tensor {hf_name!r}")
+        return self.tensors[hf_name]
+
+    def rope_row_order(self, hf_name: str) -> np.ndarray | None:
+        """llama.cpp's converter interleaves the two rotary halves of each Llama q/k head; with these row
+        indices, raw[order] is back in Hugging Face's rotate_half layout. None for tensors left as they were."""
+        heads = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
+        module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
+        if self.config["model_type"] != "llama" or module not in heads:
+            return None
+        n_heads = self.config[heads[module]]
+        rows = int(self.raw_tensor(hf_name).shape[-1])
+        # stored row h*d + 2i + k holds Hugging Face row h*d + k*d/2 + i (head h, pair i, half k)
+        return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+    def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized, [out_features, in_features] as in Hugging Face."""
+        t = self.raw_tensor(hf_name)
+        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(n) for n in reversed(t.shape)])
+        order = self.rope_row_order(hf_name)
+        if order is not None:
+            values = values[order]
+        elif not values.flags.writeable:  # a view of the read-only memory map
+            values = values.copy()
+        return torch.from_numpy(values).to(dtype)
+
+    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.tensors:
+            yield name, self.tensor(name, dtype)
+
+
+def load_gguf(path: str) -> GGUFCheckpoint:
+    reader = _open(path)
+    try:
+        meta = {name: _value(f) for name, f in reader.fields.items()}
+    except (ValueError, IndexError) as e:
+        raise ModelLoadError(f"{path}: unreadable GGUF metadata ({_one_line(e)})") from None
+    arch = meta.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedError(f"unsupported architecture {arch!r} (supported: {', '.join(_ARCHITECTURES)})")
+    tensors = _hf_tensors(path, reader, arch)
+    rope_freqs = next((t for t in reader.tensors if t.name == _ROPE_FREQS), None)
+    config = _config(meta, arch, tensors, rope_freqs)
+    return GGUFCheckpoint(str(path), config, build_tokenizer(meta), build_tokenizer_config(meta), tensors)
+
+
+def _open(path: str) -> GGUFReader:
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    with p.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        reader = GGUFReader(p)
+    except Exception as e:  # the reader has no error type of its own; a short file shows up as anything
+        raise ModelLoadError(
+            f"{path}: cannot read the GGUF file, it is truncated or corrupt ({_one_line(e)})"
+        ) from None
+    size = p.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise ModelLoadError(f"{path} is truncated: tensor {t.name!r} runs past the end of the file")
+    return reader
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def _value(f: ReaderField) -> Any:
+    if f.types and f.types[-1] == GGUFValueType.STRING:
+        # Decoded leniently: llama.cpp takes token texts as raw bytes.
+        strings = [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
+        return strings if f.types[0] == GGUFValueType.ARRAY else strings[0]
+    return f.contents()
+
+
+def _hf_tensors(path: str, reader: GGUFReader, arch: str) -> dict[str, ReaderTensor]:
+    tensors = {}
+    for t in reader.tensors:
+        if t.name == _ROPE_FREQS or t.name.endswith(".attn_rot_embd"):
+            continue  # rotary tables, computed by the engine
+        m = _LAYER_TENSOR.fullmatch(t.name)
+        if t.name in _GLOBAL_NAMES:
+            name = _GLOBAL_NAMES[t.name]
+        elif m and m[2] in _LAYER_NAMES:
+            name = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+        else:
+            raise UnsupportedError(f"{path}: unsupported tensor {t.name!r} for architecture {arch!r}")
+        if not _dequantizable(t.tensor_type):
+            raise UnsupportedError(f"{path}: tensor {t.name!r} has the unsupported type {t.tensor_type.name}")
+        tensors[name] = t
+    return tensors
+
+
+@cache
+def _dequantizable(qtype: GGMLQuantizationType) -> bool:
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    try:
+        gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)  # one block of zeros
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _config(
+    meta: dict[str, Any], arch: str, tensors: dict[str, ReaderTensor], rope_freqs: ReaderTensor | None
+) -> dict[str, Any]:
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    try:
+        hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length") or hidden // heads)
+        config = {
+            "architectures": [_ARCHITECTURES[arch]],
+            "model_type": arch,
+            "vocab_size": _vocab_size(meta, tensors),
+            "hidden_size": hidden,
+            "intermediate_size": int(key("feed_forward_length")),
+            "num_hidden_layers": int(key("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(key("attention.head_count_kv") or heads),
+            "head_dim": head_dim,
+            "max_position_embeddings": int(key("context_length", 4096)),
+            "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            "rope_theta": _f32(key("rope.freq_base", 10000.0)),
+            "tie_word_embeddings": "lm_head.weight" not in tensors,
+            "attention_bias": arch == "qwen2" or "model.layers.0.self_attn.q_proj.bias" in tensors,
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        }
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"the GGUF metadata lacks or garbles a {arch} hyper-parameter ({e})") from None
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedError(
+            f"partial rotary embeddings (rope.dimension_count {key('rope.dimension_count')})"
+        )
+    config["rope_scaling"] = _rope_scaling(meta, arch, rope_freqs, head_dim, config["rope_theta"])
+    return config
+
+
+def _vocab_size(meta: dict[str, Any], tensors: dict[str, ReaderTensor]) -> int:
+    embed = tensors.get("model.embed_tokens.weight")
+    return int(embed.shape[-1]) if embed is not None else len(meta.get("tokenizer.ggml.tokens") or [])
+
+
+def _f32(x: float) -> float:
+    """GGUF stores float32: 1e-5 reads back as 9.999999747378752e-06. Give the shortest decimal instead."""
+    return float(str(np.float32(x)))
+
+
+def _rope_scaling(
+    meta: dict[str, Any], arch: str, rope_freqs: ReaderTensor | None, head_dim: int, theta: float
+) -> dict[str, Any] | None:
+    if rope_freqs is not None:
+        return _llama3_scaling(np.asarray(rope_freqs.data, np.float64).reshape(-1), head_dim, theta)
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    scaling = {"rope_type": kind, "factor": _f32(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+    if (context := meta.get(f"{arch}.rope.scaling.original_context_length")) is not None:
+        scaling["original_max_position_embeddings"] = int(context)
+    return scaling
+
+
+def _llama3_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
+    """llama.cpp keeps Llama 3's rope scaling only as the divisor of each frequency (rope_freqs.weight).
+    Between the two cut-off wavelengths the divisor is 1 / ((1 - s) / factor + s), with s linear in
+    1 / wavelength; fitting that line gives the frequency factors. Only their ratios to the original context
+    length show, so that is taken to be Llama 3's 8192."""
+    factor = float(factors.max())
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    if len(factors) != len(wavelen):
+        raise ModelLoadError(f"rope_freqs.weight has {len(factors)} values for a head size of {head_dim}")
+    medium = (factors > 1 + 1e-4) & (factors < factor - 1e-4)
+    low, high = 1.0, 4.0
+    if medium.sum() >= 2:
+        smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
+        low = round(float(-intercept * _LLAMA3_CONTEXT / slope), 4)
+        high = round(low + float(_LLAMA3_CONTEXT / slope), 4)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": _f32(factor),
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": _LLAMA3_CONTEXT,
+    }
+    if not np.allclose(_llama3_factors(wavelen, scaling), factors, rtol=1e-3):
+        raise UnsupportedError("rope_freqs.weight holds rope scaling that is not Llama 3's")
+    return scaling
+
+
+def _llama3_factors(wavelen: np.ndarray, s: dict[str, Any]) -> np.ndarray:
+    context, factor = s["original_max_position_embeddings"], s["factor"]
+    smooth = (context / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(
+        wavelen < context / s["high_freq_factor"],
+        1.0,
+        np.where(wavelen > context / s["low_freq_factor"], factor, medium),
+    )
