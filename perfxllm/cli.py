@@ -95,6 +95,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     return run_info(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from perfxllm.server.serve import run_serve
+
+    return run_serve(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "kernels":
+        from perfxllm.bench.kernels import main as bench_kernels
+
+        return bench_kernels(args.kernel_args)
+    from perfxllm.bench.serve import run_bench_serve
+
+    return run_bench_serve(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from perfxllm.quantize import run_quantize
+
+    return run_quantize(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from perfxllm.eval.ppl import run_eval_ppl
+
+    return run_eval_ppl(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="perfxllm", description="Fast LLM inference: chat, generate, serve."
@@ -104,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "complete one prompt, streaming the text", cmd_generate),
         ("chat", "PerfXChat: a multi-turn chat in the terminal", cmd_chat),
         ("info", "describe a model: architecture, parameters, formats, memory", cmd_info),
+        ("quantize", "quantize a model to int4 or int8 (AWQ or round-to-nearest)", cmd_quantize),
+        ("eval", "evaluate a model's quality (perplexity)", cmd_eval),
+        ("serve", "an OpenAI-compatible HTTP server", cmd_serve),
+        ("bench", "benchmarks", cmd_bench),
     ]
     parsers = {}
     for name, help_text, fn in commands:
@@ -124,6 +156,134 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = parsers["info"]
     add_engine_args(p, model_positional=True)
+    p.add_argument(
+        "--estimate",
+        default=None,
+        metavar="CONFIG",
+        help="weight memory as fp16, int8 and int4 g128 without loading weights: a config.json, a model "
+        "folder, or llama2-7b, llama3-8b, qwen2-0.5b, smollm2-135m",
+    )
+
+    p = parsers["quantize"]
+    p.add_argument(
+        "src",
+        nargs="?",
+        default=None,
+        help="dense model: a Hugging Face folder, or a GGUF file, dequantized first (default: SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--output", "-o", required=True, help="folder to write the quantized model to")
+    p.add_argument(
+        "--method", choices=["awq", "rtn"], default="awq", help="AWQ or round-to-nearest (default: awq)"
+    )
+    p.add_argument(
+        "--bits", type=int, choices=[4, 8], default=4, help="4: int4 per group; 8: int8 per channel"
+    )
+    p.add_argument(
+        "--group-size", type=int, default=128, help="int4 group size: 128, 64 or 32 (default: 128)"
+    )
+    p.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics)")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default: 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default: 512)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, float16 on GPU)")
+    p.add_argument(
+        "--quantize-lm-head", action="store_true", help="also quantize an untied lm_head (default: dense)"
+    )
+    p.add_argument("--no-clip", action="store_true", help="AWQ without the clipping search")
+    p.add_argument(
+        "--scale-grid",
+        choices=["plain", "duo", "both"],
+        default="plain",
+        help="AWQ scale candidates: mean|x|^a (plain, the default), AutoAWQ's mean|x|^a / mean|w|^(1-a) "
+        "(duo), or both",
+    )
+
+    p = (
+        parsers["eval"]
+        .add_subparsers(dest="eval", required=True)
+        .add_parser(
+            "ppl",
+            help="perplexity over windows of a text",
+            description="Perplexity over non-overlapping windows of --ctx tokens, each scored on its own.",
+        )
+    )
+    add_engine_args(p, model_positional=True)
+    p.add_argument(
+        "--text", default=None, help="text file (default: the held-out 20%% of Python's pydoc topics)"
+    )
+    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default: all)")
+    gguf = p.add_mutually_exclusive_group()
+    gguf.add_argument(
+        "--packed",
+        dest="dequantize",
+        action="store_const",
+        const=False,
+        help="GGUF: import Q4_0/Q4_1/Q8_0 weights packed, also on the CPU (default: packed except on the CPU)",
+    )
+    gguf.add_argument(
+        "--dequantize", dest="dequantize", action="store_const", const=True, help="GGUF: dense weights"
+    )
+    p.add_argument("--record", default=None, metavar="JSON", help="add the result to this JSON results file")
+    p.add_argument("--name", default=None, help="the result's key in --record (default: the model's name)")
+
+    p = parsers["serve"]
+    add_engine_args(p, model_positional=True)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PERFXLLM_API_KEY)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=512,
+        help="requests waiting or running before answering 429 (default: 512)",
+    )
+    p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (default: 4)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    bench = parsers["bench"].add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("kernels", help="Triton kernels against cuBLAS and the copy bandwidth (GPU)")
+    p.add_argument("kernel_args", nargs=argparse.REMAINDER, help="--out-dir DIR, --only w4 w8 ...")
+    p = bench.add_parser(
+        "serve",
+        help="serving throughput and latency",
+        description="Serving throughput and latency, as vllm bench serve.",
+    )
+    add_engine_args(p, model_positional=True)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--base-url", default=None, help="a running server (default: start one on a free port)"
+    )
+    where.add_argument(
+        "--offline", action="store_true", help="run on the Engine in-process, all requests at once"
+    )
+    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="requests in flight; several values: one run each",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second (default: all at once)",
+    )
+    p.add_argument(
+        "--input-len", type=int, default=200, help="median prompt tokens (lognormal; default: 200)"
+    )
+    p.add_argument(
+        "--output-len", type=int, default=150, help="median output tokens (lognormal; default: 150)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-dir", default="benchmarks/results", help="where serve-<device>.json and .png go")
     return parser
 
 

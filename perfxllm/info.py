@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from perfxllm.errors import ModelLoadError
 from perfxllm.layers.linear import Linear
+from perfxllm.model.config import ModelConfig
 from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
-from perfxllm.quant.formats import Int4Weight, Int8Weight
+from perfxllm.model.random_weights import PRESETS
+from perfxllm.model.registry import model_class
+from perfxllm.quant.formats import Int4Weight, Int8Weight, tensor_fields
 
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
@@ -25,10 +31,8 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
     for mod in model.modules():
         w = mod.weight if isinstance(mod, Linear) else None
-        if isinstance(w, Int4Weight):
-            count(f"int4 g{w.group_size}", w.qweight, w.scales, w.zeros)
-        elif isinstance(w, Int8Weight):
-            count("int8", w.qweight, w.scales)
+        if isinstance(w, Int4Weight | Int8Weight):
+            count(w.format_name, *(getattr(w, f) for f in tensor_fields(w)))
     for p in model.parameters():
         count(str(p.dtype).removeprefix("torch."), p)
     for mod in model.modules():
@@ -39,7 +43,55 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     return dict(totals)
 
 
+def estimate_weight_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
+    """Weight bytes by format of the model quantized each way (projections of the decoder layers; embeddings
+    and norms fp16; lm_head fp16 unless tied, and int4 in the last variant), computed from the packed shapes
+    that the quantizer itself produces on meta tensors: no memory, no weights."""
+    from perfxllm.quant.rtn import QuantSpec
+
+    variants = {"fp16": (None, False), "int8": (QuantSpec(8), False), "int4 g128": (QuantSpec(4, 128), False)}
+    if not config.tie_word_embeddings:
+        variants["int4 g128, lm_head int4"] = (QuantSpec(4, 128), True)
+    out = {}
+    for label, (spec, quantize_head) in variants.items():
+        with torch.device("meta"):
+            model = model_class(config.architecture)(config).to(torch.float16)
+        for name, mod in model.named_modules():
+            if not isinstance(mod, Linear) or (name == "lm_head" and config.tie_word_embeddings):
+                continue
+            w = torch.empty(mod.out_features, mod.in_features, dtype=torch.float16, device="meta")
+            quantize = spec is not None and (name != "lm_head" or quantize_head)
+            mod.weight = spec.quantize(w) if quantize else w
+        out[label] = weight_bytes_by_format(model)
+    return out
+
+
+def run_estimate(spec: str) -> int:
+    path = Path(spec) / "config.json" if Path(spec).is_dir() else Path(spec)
+    if spec in PRESETS:
+        hf = PRESETS[spec]
+    elif path.is_file():
+        try:
+            hf = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    else:
+        raise ModelLoadError(
+            f"--estimate takes a config.json, a model folder or one of: {', '.join(PRESETS)}"
+        )
+    cfg = ModelConfig.from_hf(hf)
+    print(f"config        {spec}: {cfg.architecture}, {_parameter_count(cfg) / 1e9:.2f} B parameters")
+    print(f"tied embeddings: {cfg.tie_word_embeddings}; embeddings and norms stay fp16 in every variant")
+    for label, by_format in estimate_weight_bytes(cfg).items():
+        total = sum(by_format.values())
+        parts = ", ".join(f"{fmt} {n / 2**30:.2f}" for fmt, n in sorted(by_format.items()))
+        print(f"{label:<24} {total / 2**30:6.2f} GiB  {total / 1e9:6.2f} GB   ({parts} GiB)")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
+    if args.estimate:
+        return run_estimate(args.estimate)
     ckpt = open_checkpoint(args.model, args.random_weights)
     cfg = ckpt.config
     device = torch.device("cpu")

@@ -28,7 +28,9 @@ def run(model_kw: dict, device: str, dtype: str) -> dict:
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    n = len(llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))[0].token_ids)
+    n = len(
+        llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))[0].token_ids
+    )
     sync()
     tok_s = n / (time.perf_counter() - start)
     logits = prompt_logits(llm.engine.model, llm.tokenizer.encode(PROMPTS[0] * 8)).cpu()

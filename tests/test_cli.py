@@ -12,7 +12,9 @@ from tiny_models import save_tiny_model
 
 
 def perfxllm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "perfxllm", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "perfxllm", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> None:

@@ -79,10 +79,10 @@ class BlockManager:
                 block = self._share_block(cached)
                 seq.num_cached_tokens += self.block_size
             else:
+                # Hashed only once its K/V are written (register_full_blocks): a sequence preempted or
+                # aborted mid-prefill must not leave uncomputed blocks behind as cached.
                 hitting = False
                 block = self._new_block()
-                if full:
-                    self._register(block, h, tokens)
             seq.block_table.append(block.block_id)
             prev_hash = h
         # The last prompt token is always recomputed: its logits are needed to sample.

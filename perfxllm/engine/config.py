@@ -10,7 +10,9 @@ from perfxllm.errors import PerfxError
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the default model
-    random_weights: str | None = None  # a preset (llama2-7b, ...) or config.json: random weights of that shape
+    random_weights: str | None = (
+        None  # a preset (llama2-7b, ...) or config.json: random weights of that shape
+    )
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     max_model_len: int | None = None  # None: the model's context, capped at 8192

@@ -20,9 +20,9 @@ class Detokenizer:
     def add(self, token_id: int) -> tuple[str, bool]:
         """Feed one token; returns (new text to release, whether a stop string was hit)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return "", False
+        # An incomplete last character waits for its other bytes; what comes before it is complete, and a
+        # stop string in it must be found now (the generation may end with this token).
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
         search_from = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
         self.text = text
         hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]

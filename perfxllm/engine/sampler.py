@@ -39,6 +39,7 @@ class Sampler:
     def release(self, seq: Sequence) -> None:
         self.seeded.pop(seq.request_id, None)
 
+    @torch.inference_mode()  # penalties edit the logits in place: the model runner's are inference tensors
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits float32 [S, vocab], one row per sequence."""
         for row, seq in zip(logits, seqs):
@@ -80,6 +81,8 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
 
 def truncated_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
     """Probabilities [vocab] after top-k, then top-p (nucleus), then min-p; renormalised."""
+    # Extreme penalties or temperatures can push logits to +-inf (or NaN), and softmax would then give NaN.
+    logits = logits.nan_to_num(posinf=torch.finfo(logits.dtype).max, neginf=torch.finfo(logits.dtype).min)
     if 0 < top_k < logits.shape[-1]:
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -4,11 +4,14 @@ changes when a faster kernel is plugged in."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from perfxllm.quant.formats import Int4Weight, Int8Weight
+from perfxllm.quant.formats import Int4Weight, Int8Weight, map_tensors, tensor_fields
 
 Weight = torch.Tensor | Int4Weight | Int8Weight
 
@@ -38,12 +41,30 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}"
 
 
+def _format(w: Weight) -> str:
+    return "dense" if isinstance(w, torch.Tensor) else w.format_name
+
+
 def concat_weights(shards: list[Weight]) -> Weight:
-    """Stack projections that share an input along the output dimension (q/k/v, gate/up)."""
+    """Stack projections that share an input along the output dimension (q/k/v, gate/up). Shards of
+    different formats (a GGUF file may store v in Q8_0 and q, k in Q4_0) have no common packed format: they
+    are stacked dequantized."""
     first = shards[0]
+    if len({_format(s) for s in shards}) > 1:
+        return torch.cat([s if isinstance(s, torch.Tensor) else s.dequantize() for s in shards])
     if isinstance(first, torch.Tensor):
         return torch.cat(shards)
-    if isinstance(first, Int4Weight):
-        cat = lambda field: torch.cat([getattr(s, field) for s in shards])  # noqa: E731
-        return Int4Weight(cat("qweight"), cat("scales"), cat("zeros"), first.group_size)
-    return Int8Weight(torch.cat([s.qweight for s in shards]), torch.cat([s.scales for s in shards]))
+    return replace(first, **{f: torch.cat([getattr(s, f) for s in shards]) for f in tensor_fields(first)})
+
+
+def select_rows(weight: Weight, index: torch.Tensor | slice) -> Weight:
+    """The output channels `index` of a weight, in any format."""
+    if isinstance(weight, torch.Tensor):
+        return weight[index]
+    return map_tensors(weight, lambda t: t[index])
+
+
+def split_weight(weight: Weight, sizes: list[int]) -> list[Weight]:
+    """The inverse of concat_weights."""
+    ends = list(accumulate(sizes))
+    return [select_rows(weight, slice(end - n, end)) for n, end in zip(sizes, ends)]

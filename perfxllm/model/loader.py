@@ -40,9 +40,13 @@ class Checkpoint:
     source: Any  # HFFolder or GGUFCheckpoint: has iter_tensors()
 
 
-def open_checkpoint(path: str | None, random_weights: str | None = None) -> Checkpoint:
+def open_checkpoint(
+    path: str | None, random_weights: str | None = None, dequantize: bool | None = None
+) -> Checkpoint:
     """path: a Hugging Face folder or a GGUF file (None: the default model). random_weights: a preset name or
-    a config.json, for a seeded random model of that shape instead."""
+    a config.json, for a seeded random model of that shape instead. A GGUF file's Q4_0 / Q4_1 / Q8_0
+    projections: dequantize=False imports them as packed weights, True dequantizes them, None (the default)
+    packs them except on the CPU (see build_model)."""
     if random_weights:
         from perfxllm.model.random_weights import RandomCheckpoint
 
@@ -58,6 +62,10 @@ def open_checkpoint(path: str | None, random_weights: str | None = None) -> Chec
         from perfxllm.model.hf_loader import HFFolder
 
         source = HFFolder(p)
+        if "quantization_config" in source.config:
+            from perfxllm.quant.load import QuantizedFolder
+
+            source = QuantizedFolder(source)
         return Checkpoint(
             str(p),
             ModelConfig.from_hf(source.config),
@@ -68,6 +76,10 @@ def open_checkpoint(path: str | None, random_weights: str | None = None) -> Chec
         from perfxllm.model.gguf_loader import load_gguf
 
         source = load_gguf(str(p))
+        if not dequantize:
+            from perfxllm.quant.gguf_native import NativeGGUF
+
+            source = NativeGGUF(source, dense_on_cpu=dequantize is None)
         return Checkpoint(
             str(p),
             ModelConfig.from_hf(source.config),
@@ -194,11 +206,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelC
     return table[dtype]
 
 
+def _tensors(source: Any, device: torch.device) -> Iterable[tuple[str, Weight]]:
+    # Packed weights run through the reference dequantize-then-matmul path until a CPU kernel lands, about
+    # ten times slower to decode than dense weights there: by default GGUF files stay dense on the CPU.
+    if device.type == "cpu" and getattr(source, "dense_on_cpu", False):
+        return source.source.iter_tensors()
+    return source.iter_tensors()
+
+
 def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
     cls = model_class(ckpt.config.architecture)
     with torch.device(device):
         model = cls(ckpt.config)
     model.to(dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.float()
-    load_weights(model, ckpt.source.iter_tensors(), device, dtype)
+    load_weights(model, _tensors(ckpt.source, device), device, dtype)
     return model.eval().requires_grad_(False)

@@ -12,14 +12,22 @@ Int4 (asymmetric, per group of G consecutive input channels, G in {32, 64, 128};
     or, for GGUF Q4_1 whose groups have a float minimum instead of an integer zero point:
     zeros    float16 [M, K // G]   the group's minimum m
     W[m, k] = W_q[m, k] * scales[m, k // G] + zeros[m, k // G]
-    K must be a multiple of G (and so of 2). Groups never straddle rows.
+    K must be a multiple of G (and so of 2). Groups never straddle rows. A quantizer asked for G = 128 on a
+    layer whose K is not a multiple of 128 (SmolLM2's hidden size 576) uses the largest of 64, 32 that
+    divides K for that layer; every weight states its own G.
 
 Int8 (symmetric, per output channel):
     qweight  int8    [M, K]
     scales   float16 [M]
     W[m, k] = qweight[m, k] * scales[m]
+    or, per group of G input channels (group_size set; GGUF Q8_0 imported natively, G = 32):
+    scales   float16 [M, K // G]
+    W[m, k] = qweight[m, k] * scales[m, k // G]
 
 Dense weights (fp32 / fp16 / bf16) stay plain torch tensors [M, K].
+
+Every tensor of a packed weight has the output channels as its first dimension, so selecting, permuting or
+concatenating rows (fused q/k/v, GGUF's Q/K row order) is the same row operation on each of its tensors.
 
 Consumers that want another layout (e.g. GPU kernels with 16-byte loads) repack once at load time from this
 one; the format on disk and in memory between modules is this one.
@@ -27,9 +35,12 @@ one; the format on disk and in memory between modules is this one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
+
+INT4_GROUP_SIZES = (128, 64, 32)
 
 
 @dataclass
@@ -43,10 +54,12 @@ class Int4Weight:
     def shape(self) -> tuple[int, int]:
         return self.qweight.shape[0], self.qweight.shape[1] * 2
 
+    @property
+    def format_name(self) -> str:
+        return f"int4 g{self.group_size}" + (" min" if self.zeros.is_floating_point() else "")
+
     def to(self, device: torch.device | str) -> Int4Weight:
-        return Int4Weight(
-            self.qweight.to(device), self.scales.to(device), self.zeros.to(device), self.group_size
-        )
+        return map_tensors(self, lambda t: t.to(device))
 
     def unpack(self) -> torch.Tensor:
         """The int4 values W_q as uint8 [M, K]."""
@@ -67,19 +80,49 @@ class Int4Weight:
 class Int8Weight:
     qweight: torch.Tensor
     scales: torch.Tensor
+    group_size: int | None = None  # None: one scale per output channel
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.qweight.shape)
 
+    @property
+    def format_name(self) -> str:
+        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+
     def to(self, device: torch.device | str) -> Int8Weight:
-        return Int8Weight(self.qweight.to(device), self.scales.to(device))
+        return map_tensors(self, lambda t: t.to(device))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.qweight.to(torch.float32) * self.scales.to(torch.float32).unsqueeze(-1)).to(dtype)
+        q = self.qweight.to(torch.float32)
+        s = self.scales.to(torch.float32)
+        if self.group_size is None:
+            return (q * s.unsqueeze(-1)).to(dtype)
+        m, k = self.shape
+        return (q.view(m, -1, self.group_size) * s.unsqueeze(-1)).reshape(m, k).to(dtype)
+
+
+PackedWeight = TypeVar("PackedWeight", Int4Weight, Int8Weight)
+
+
+def tensor_fields(w: Int4Weight | Int8Weight) -> list[str]:
+    return [f.name for f in fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
+
+
+def map_tensors(w: PackedWeight, fn) -> PackedWeight:
+    """The same weight with fn applied to each of its tensors (fn: Tensor -> Tensor)."""
+    return replace(w, **{name: fn(getattr(w, name)) for name in tensor_fields(w)})
 
 
 def pack_int4(wq: torch.Tensor) -> torch.Tensor:
     """uint8 [M, K] of values 0..15 -> uint8 [M, K // 2] in the pack order above."""
     wq = wq.to(torch.uint8)
     return wq[:, 0::2] | (wq[:, 1::2] << 4)
+
+
+def int4_group_size(k: int, wanted: int) -> int:
+    """The group size used for a layer of K input channels when `wanted` was asked for (see the spec)."""
+    for g in INT4_GROUP_SIZES:
+        if g <= wanted and k % g == 0:
+            return g
+    raise ValueError(f"in_features {k} is not a multiple of 32: it cannot be quantized to int4")

@@ -52,6 +52,8 @@ def test_greedy_continuations_match_transformers(reference, llm):
 
 
 def test_answers_paris(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0)
+    )
     assert "Paris" in out[0].text
     assert out[0].finish_reason == "stop"

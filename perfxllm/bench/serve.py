@@ -1,0 +1,372 @@
+"""`perfxllm bench serve`: serving throughput and latency, measured and reported as `vllm bench serve` does.
+
+The requests replay a ShareGPT-like length distribution: prompt and output lengths drawn from seeded
+lognormals around --input-len and --output-len, prompts cut from English text (Python's own help pages),
+and ignore_eos, so that each request generates exactly its output length. Against a server (the one at
+--base-url, or one started here on a free port) an async client keeps --concurrency requests in flight, or
+sends them as Poisson arrivals at --request-rate; --offline adds them all at once to an in-process Engine.
+
+Results go to <result-dir>/serve-<device>.json (serve-offline-<device>.json) with a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perfxllm.errors import PerfxError
+
+LENGTH_SIGMA = 0.7  # of log length: ShareGPT's lengths spread over about an order of magnitude
+
+
+@dataclass
+class BenchRequest:
+    prompt: str
+    prompt_len: int
+    output_len: int
+
+
+@dataclass
+class Result:
+    prompt_len: int
+    output_len: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from perfxllm.model.loader import open_checkpoint
+
+    if args.num_requests < 1 or min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
+        raise PerfxError("--num-requests, --concurrency, --input-len and --output-len must be positive")
+    ckpt = open_checkpoint(args.model, args.random_weights)
+    max_len = min(args.max_model_len or 8192, ckpt.config.max_position_embeddings)
+    requests = synthesize(
+        ckpt.tokenizer, args.num_requests, args.input_len, args.output_len, max_len, args.seed
+    )
+    load_before = os.getloadavg()[0]
+    if args.offline:
+        info, runs = run_offline(args, requests)
+    else:
+        with server(args) as base_url:
+            info = server_info(base_url)
+            runs = [
+                asyncio.run(run_online(base_url, info["model"], requests, c, args.request_rate, args.seed))
+                for c in args.concurrency
+            ]
+    record = {
+        **info,
+        "mode": "offline" if args.offline else "server",
+        "num_requests": args.num_requests,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
+        "seed": args.seed,
+        **runs[-1],  # the last run, flat, for a quick look; every run is under "runs"
+        "runs": runs,
+        "commit": _commit(),
+        "command": shlex.join(["perfxllm", *sys.argv[1:]]),
+        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("perfxllm", "torch")}},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_before_after": [load_before, os.getloadavg()[0]],  # other work on the machine skews timings
+    }
+    stem = f"serve-{'offline-' if args.offline else ''}{info['device']}"
+    out = Path(args.result_dir) / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    plot(record, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+# -- the workload ---------------------------------------------------------------------------------------------
+def synthesize(
+    tokenizer: Any, num: int, input_len: int, output_len: int, max_len: int, seed: int
+) -> list[BenchRequest]:
+    import pydoc_data.topics
+
+    rng = random.Random(seed)
+    words = " ".join(pydoc_data.topics.topics.values()).split()
+    requests = []
+    for _ in range(num):
+        out_len = _lognormal(rng, output_len, 1, min(4 * output_len, max_len // 2))
+        prompt_len = _lognormal(rng, input_len, 4, min(4 * input_len, max_len - out_len - 1))
+        start = rng.randrange(len(words) - 2 * prompt_len)
+        ids = tokenizer.encode(" ".join(words[start : start + 2 * prompt_len]), add_bos=False)[:prompt_len]
+        requests.append(BenchRequest(tokenizer.decode(ids), prompt_len, out_len))
+    return requests
+
+
+def _lognormal(rng: random.Random, median: int, low: int, high: int) -> int:
+    return max(low, min(high, round(rng.lognormvariate(math.log(median), LENGTH_SIGMA))))
+
+
+# -- against a server --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def server(args: argparse.Namespace) -> Iterator[str]:
+    """The server at --base-url, or a `perfxllm serve` started on a free port for the benchmark."""
+    if args.base_url:
+        yield args.base_url.rstrip("/")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "perfxllm", "serve", "--port", str(port), "--log-level", "warning"]
+    cmd += [args.model] if args.model else []
+    cmd += ["--random-weights", args.random_weights] if args.random_weights else []
+    cmd += ["--device", args.device, "--dtype", args.dtype]
+    cmd += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    cmd += ["--max-queue", str(max(args.num_requests, 512))]
+    proc = subprocess.Popen(cmd)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise PerfxError(f"the server exited with code {proc.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise PerfxError(f"the server at {base_url} was not ready after {timeout:.0f} s")
+
+
+def server_info(base_url: str) -> dict[str, str]:
+    """Model, device, dtype and quant, from the server's perfxllm_info metric."""
+    import httpx
+
+    for line in httpx.get(f"{base_url}/metrics", timeout=30).raise_for_status().text.splitlines():
+        if line.startswith("perfxllm_info{"):
+            labels = line[line.index("{") + 1 : line.rindex("}")]
+            return {k: v.strip('"') for k, v in (item.split("=", 1) for item in labels.split('",'))}
+    raise PerfxError(f"{base_url}/metrics has no perfxllm_info: is it a perfxllm server?")
+
+
+async def run_online(
+    base_url: str, model: str, requests: list[BenchRequest], concurrency: int, rate: float, seed: int
+) -> dict[str, Any]:
+    import httpx
+
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=None, limits=httpx.Limits(max_connections=None)
+    ) as client:
+        await send_one(client, model, BenchRequest("Warm up", 2, 4))
+        limit = asyncio.Semaphore(concurrency)
+        rng = random.Random(seed)
+
+        async def limited(r: BenchRequest) -> Result:
+            async with limit:
+                return await send_one(client, model, r)
+
+        start = time.perf_counter()
+        tasks = []
+        for r in requests:
+            tasks.append(asyncio.create_task(limited(r)))
+            if not math.isinf(rate):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return summarize(results, duration, concurrency)
+
+
+async def send_one(client: Any, model: str, r: BenchRequest) -> Result:
+    body = {
+        "model": model,
+        "prompt": r.prompt,
+        "max_tokens": r.output_len,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    result = Result(r.prompt_len)
+    start = last = time.perf_counter()
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
+            return result
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk, now = json.loads(line[6:]), time.perf_counter()
+            if "error" in chunk:
+                result.error = chunk["error"]["message"]
+            elif chunk["choices"]:
+                if result.ttft:
+                    result.itl.append(now - last)
+                else:
+                    result.ttft = now - start
+                last = now
+            elif chunk.get("usage"):
+                result.prompt_len = chunk["usage"]["prompt_tokens"]
+                result.output_len = chunk["usage"]["completion_tokens"]
+    result.latency = last - start
+    return result
+
+
+# -- in-process ----------------------------------------------------------------------------------------------
+def run_offline(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[dict[str, str], list[dict]]:
+    from perfxllm.cli import engine_options
+    from perfxllm.engine.config import EngineConfig
+    from perfxllm.engine.engine import Engine
+    from perfxllm.sampling_params import SamplingParams
+    from perfxllm.server.app import quant_label
+
+    engine = Engine(
+        EngineConfig(model=args.model, max_num_seqs=max(64, args.num_requests), **engine_options(args))
+    )
+    info = {
+        "model": Path(engine.model_path).name,
+        "device": engine.device.type,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "quant": quant_label(engine),
+    }
+    engine.add_request(engine.tokenizer.encode("Warm up"), SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_unfinished():
+        engine.step()
+    results: dict[str, Result] = {}
+    start = time.perf_counter()
+    last: dict[str, float] = {}
+    for r in requests:
+        ids = engine.tokenizer.encode(r.prompt)
+        rid = engine.add_request(ids, SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True))
+        results[rid], last[rid] = Result(len(ids)), start
+    while engine.has_unfinished():
+        outputs, now = engine.step(), time.perf_counter()
+        for out in outputs:
+            res = results[out.request_id]
+            if res.ttft:
+                res.itl.append(now - last[out.request_id])
+            else:
+                res.ttft = now - start
+            last[out.request_id], res.output_len, res.latency = now, out.num_output_tokens, now - start
+    return info, [summarize(list(results.values()), time.perf_counter() - start, len(requests))]
+
+
+# -- results ------------------------------------------------------------------------------------------------
+def summarize(results: list[Result], duration: float, concurrency: int) -> dict[str, Any]:
+    ok = [r for r in results if r.error is None]
+    for r in results:
+        if r.error is not None:
+            print(f"request failed: {r.error}", file=sys.stderr)
+    input_tokens, output_tokens = sum(r.prompt_len for r in ok), sum(r.output_len for r in ok)
+    summary: dict[str, Any] = {
+        "concurrency": concurrency,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "duration_s": duration,
+        "total_input_tokens": input_tokens,
+        "total_output_tokens": output_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_tok_s": output_tokens / duration,
+        "total_tok_s": (input_tokens + output_tokens) / duration,
+    }
+    series = {
+        "ttft_ms": [r.ttft * 1000 for r in ok],
+        "tpot_ms": [(r.latency - r.ttft) / (r.output_len - 1) * 1000 for r in ok if r.output_len > 1],
+        "itl_ms": [t * 1000 for r in ok for t in r.itl],
+        "e2el_ms": [r.latency * 1000 for r in ok],
+    }
+    for name, values in series.items():
+        v = np.array(values or [math.nan])
+        summary |= {
+            f"{name}_mean": float(v.mean()),
+            f"{name}_p50": float(np.median(v)),
+            f"{name}_p99": float(np.percentile(v, 99)),
+        }
+    print_summary(summary)
+    return summary
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    rows = [
+        ("Successful requests:", s["completed"]),
+        ("Maximum request concurrency:", s["concurrency"]),
+        ("Benchmark duration (s):", f"{s['duration_s']:.2f}"),
+        ("Total input tokens:", s["total_input_tokens"]),
+        ("Total generated tokens:", s["total_output_tokens"]),
+        ("Request throughput (req/s):", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s):", f"{s['output_tok_s']:.2f}"),
+        ("Total Token throughput (tok/s):", f"{s['total_tok_s']:.2f}"),
+    ]
+    print(f"{' Serving Benchmark Result ':=^50}")
+    for label, value in rows:
+        print(f"{label:<40}{value:<10}")
+    for name, title in (
+        ("ttft", "Time to First Token"),
+        ("tpot", "Time per Output Token (excl. 1st token)"),
+        ("itl", "Inter-token Latency"),
+        ("e2el", "End-to-end Latency"),
+    ):
+        print(f"{title:-^50}")
+        for stat, key in (("Mean", "mean"), ("Median", "p50"), ("P99", "p99")):
+            print(f"{f'{stat} {name.upper()} (ms):':<40}{s[f'{name}_ms_{key}']:<10.2f}")
+    print("=" * 50)
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    runs = record["runs"]
+    labels = [str(r["concurrency"]) for r in runs]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.bar(labels, [r["output_tok_s"] for r in runs], color="tab:blue")
+    left.set(xlabel="concurrency", ylabel="output tokens/s", title="Throughput")
+    x = np.arange(len(runs))
+    for k, (key, name) in enumerate(
+        (("ttft_ms_p50", "TTFT p50"), ("ttft_ms_p99", "TTFT p99"), ("tpot_ms_p50", "TPOT p50"))
+    ):
+        right.bar(x + (k - 1) * 0.27, [r[key] for r in runs], 0.27, label=name)
+    right.set_xticks(x, labels)
+    right.set(xlabel="concurrency", ylabel="ms", title="Latency")
+    right.legend()
+    fig.suptitle(
+        f"perfxllm {record['mode']}: {record['model']} ({record['quant']}) on {record['device']}, "
+        f"{record['num_requests']} requests"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    return None

@@ -1,0 +1,117 @@
+"""`perfxllm eval ppl`: perplexity over non-overlapping windows of ctx tokens. Each window is scored on its
+own (a fresh context), its first token not predicted; the model's own forward gives every position's logits."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from perfxllm.engine.model_runner import prompt_logits
+from perfxllm.errors import PerfxError
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll: float  # mean negative log-likelihood per predicted token (nats)
+    tokens: int  # predicted tokens
+    windows: int
+    ctx: int
+
+
+def perplexity(
+    model: nn.Module, ids: list[int], ctx: int, max_windows: int | None = None, progress: bool = True
+) -> Perplexity:
+    windows = len(ids) // ctx
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    if windows < 1 or ctx < 2:
+        raise PerfxError(f"the text has {len(ids)} tokens: not one window of --ctx {ctx} tokens")
+    total = 0.0
+    for w in tqdm(range(windows), desc="perplexity", unit="window", disable=not progress):
+        window = ids[w * ctx : (w + 1) * ctx]
+        logits = prompt_logits(model, window)
+        target = torch.tensor(window[1:], device=logits.device)
+        total += float(F.cross_entropy(logits[:-1], target, reduction="sum"))
+    tokens = windows * (ctx - 1)
+    return Perplexity(math.exp(total / tokens), total / tokens, tokens, windows, ctx)
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=10,
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def record(path: str, name: str, entry: dict) -> None:
+    """Add (or replace) one named result in a JSON results file."""
+    p = Path(path)
+    results = json.loads(p.read_text()) if p.exists() else {}
+    results.setdefault("results", {})[name] = entry
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_eval_ppl(args: argparse.Namespace) -> int:
+    from perfxllm.engine.engine import resolve_device
+    from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
+    from perfxllm.quant.calibration import default_eval_text, read_text
+
+    device = resolve_device(args.device)
+    ckpt = open_checkpoint(args.model, args.random_weights, dequantize=args.dequantize)
+    if args.ctx > ckpt.config.max_position_embeddings:
+        raise PerfxError(
+            f"--ctx {args.ctx} is longer than the model's context {ckpt.config.max_position_embeddings}"
+        )
+    dtype = resolve_dtype(args.dtype, device, ckpt.config)
+    model = build_model(ckpt, device, dtype)
+    ids = ckpt.tokenizer.encode(read_text(args.text, default_eval_text()), add_bos=False)
+    start = time.perf_counter()
+    result = perplexity(model, ids, args.ctx, args.max_windows)
+    seconds = time.perf_counter() - start
+    print(
+        f"perplexity {result.ppl:.4f}  ({result.windows} windows of {result.ctx} tokens, "
+        f"{result.tokens} predicted, {seconds:.0f} s on {device.type}, {str(dtype).removeprefix('torch.')})"
+    )
+    if args.record:
+        record(
+            args.record,
+            args.name or Path(ckpt.path).name,
+            {
+                **asdict(result),
+                "model": ckpt.path,
+                "quantization_config": ckpt.config.hf_config.get("quantization_config"),
+                "text": args.text or "pydoc_data.topics, held-out last 20%",
+                "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."),
+                "runtime_s": round(seconds, 1),
+                "command": shlex.join(["perfxllm", *sys.argv[1:]]),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "perfxllm_commit": _commit(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        )
+    return 0

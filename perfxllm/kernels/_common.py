@@ -1,0 +1,104 @@
+"""Helpers shared by the kernel launchers: argument checks with clear errors, and a small on-disk tuner.
+
+Imports triton; only kernel modules import this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import triton
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+    contiguous: bool = False,
+) -> None:
+    """Raise ValueError naming the argument when t is not a tensor of the wanted kind.
+
+    shape entries of None match any size."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        want = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must have dtype {want}, got {str(t.dtype).removeprefix('torch.')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if shape is not None and (
+        t.dim() != len(shape) or any(w is not None and w != s for w, s in zip(shape, t.shape))
+    ):
+        want = "[" + ", ".join("*" if w is None else str(w) for w in shape) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} like the other inputs")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape {list(t.shape)})")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class DiskTuner:
+    """Picks the fastest of several configs for a key on first use, timing each on the GPU, and remembers
+    the choice in memory and in a JSON file (~/.cache/perfxllm/<name>.json or $PERFXLLM_CACHE_DIR).
+
+    Under the Triton interpreter nothing is timed: the first config is used."""
+
+    def __init__(self, name: str) -> None:
+        root = Path(os.environ.get("PERFXLLM_CACHE_DIR", Path.home() / ".cache" / "perfxllm"))
+        self.path = root / f"{name}.json"
+        self.best: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        if self.best is None:
+            try:
+                self.best = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.best = {}
+        return self.best
+
+    def pick(self, key: str, configs: list[dict], run: Callable[[dict], object]) -> dict:
+        if interpreting() or len(configs) == 1:
+            return configs[0]
+        best = self._load()
+        if key in best and best[key] in configs:
+            return best[key]
+        times = []
+        for cfg in configs:
+            try:
+                times.append(triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25))
+            except triton.runtime.errors.OutOfResources:
+                times.append(float("inf"))
+        best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(best, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # an unwritable cache only costs re-tuning next time
+        return best[key]

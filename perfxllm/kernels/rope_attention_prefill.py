@@ -1,0 +1,227 @@
+"""Prefill (and chunked prefill) attention with RoPE on the paged KV cache, in two launches:
+
+1. rope_cache_write (perfxllm.kernels.rope_cache_write): rotates q and k, writes rotated k and v into the
+   cache at slot_mapping;
+2. a causal grouped-query flash-attention kernel: each new query attends, through block_tables, to its
+   sequence's cached tokens and causally to the new ones (which step 1 has just put in the cache).
+
+Shapes and dtypes:
+    q [T, Hq, D], k/v [T, Hkv, D]: float16/bfloat16, sequences packed back to back; D a power of two >= 16
+    cu_seqlens int32 [B+1]: new tokens of sequence b are rows cu_seqlens[b]:cu_seqlens[b+1]
+    cached_lens int32 [B]: tokens of sequence b already in the cache before this chunk
+    positions int64 [T] (normally cached_lens[b] + i), slot_mapping int64 [T] (-1: not written)
+    block_tables int32 [B, max_blocks], k_cache/v_cache [num_blocks, block_size, Hkv, D]
+    cos_sin_cache float32 [max_pos, D]
+    out [T, Hq, D] in q's dtype. Softmax in float32, scale 1/sqrt(D) unless given.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from perfxllm.kernels._common import check_tensor, interpreting
+from perfxllm.kernels.rope_cache_write import rope_cache_write
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_attention_kernel(
+    q_ptr,
+    kc_ptr,
+    vc_ptr,
+    out_ptr,
+    cu_ptr,
+    cached_ptr,
+    bt_ptr,
+    stride_bt,
+    scale_log2,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // (HQ // HKV)
+    start = tl.load(cu_ptr + b)
+    qlen = tl.load(cu_ptr + b + 1) - start
+    q0 = pid_q * BLOCK_Q
+    if q0 < qlen:
+        cached = tl.load(cached_ptr + b)
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
+        mask_q = offs_q < qlen
+        offs_d = tl.arange(0, D)
+        rows = (start + offs_q).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * (HQ * D) + h * D + offs_d[None, :], mask=mask_q[:, None], other=0)
+        q_pos = cached + offs_q
+        end = cached + tl.minimum(qlen, q0 + BLOCK_Q)
+
+        m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+        for n0 in range(0, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < end
+            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=mask_n, other=0)
+            slot = blk.to(tl.int64) * BS + offs_n % BS
+            kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]
+            k = tl.load(kc_ptr + kv_off, mask=mask_n[:, None], other=0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where((offs_n[None, :] <= q_pos[:, None]) & mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(vc_ptr + kv_off, mask=mask_n[:, None], other=0)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + rows[:, None] * (HQ * D) + h * D + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=mask_q[:, None],
+        )
+
+
+def check_heads(hq: int, hkv: int, d: int) -> None:
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim must be a power of two >= 16, got {d}")
+
+
+def prefill_attention(
+    q_rot: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cached_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_new_len: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The attention launch alone, on rotated q [T, Hq, D] with this chunk's K/V already in the cache."""
+    check_tensor("q", q_rot, ndim=3, contiguous=True)
+    t, hq, d = q_rot.shape
+    check_tensor("k_cache", k_cache, dtypes=(q_rot.dtype,), ndim=4, device=q_rot.device, contiguous=True)
+    check_tensor("v_cache", v_cache, dtypes=(q_rot.dtype,), shape=tuple(k_cache.shape), device=q_rot.device)
+    _, block_size, hkv, dk = k_cache.shape
+    if dk != d:
+        raise ValueError(f"k_cache head_dim {dk} != q head_dim {d}")
+    check_heads(hq, hkv, d)
+    check_tensor(
+        "cu_seqlens", cu_seqlens, dtypes=(torch.int32,), ndim=1, device=q_rot.device, contiguous=True
+    )
+    batch = cu_seqlens.shape[0] - 1
+    check_tensor("cached_lens", cached_lens, dtypes=(torch.int32,), shape=(batch,), device=q_rot.device)
+    check_tensor(
+        "block_tables", block_tables, dtypes=(torch.int32,), shape=(batch, None), device=q_rot.device
+    )
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must have unit stride in its last dimension")
+    out = torch.empty_like(q_rot)
+    if t == 0 or batch == 0:
+        return out
+    if max_new_len is None:
+        max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    block_q, block_n, warps = (16, 16, 4) if interpreting() else (64, 64, 4)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    grid = (triton.cdiv(max_new_len, block_q), batch, hq)
+    _prefill_attention_kernel[grid](
+        q_rot,
+        k_cache,
+        v_cache,
+        out,
+        cu_seqlens,
+        cached_lens.contiguous(),
+        block_tables,
+        block_tables.stride(0),
+        scale * LOG2E,
+        HQ=hq,
+        HKV=hkv,
+        D=d,
+        BS=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=1 if interpreting() else 3,
+    )
+    return out
+
+
+def rope_attention_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cached_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_new_len: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """See the module docstring: rotates, writes the cache, returns out [T, Hq, D].
+
+    max_new_len: the longest sequence of new tokens (the grid size); read from cu_seqlens if not given,
+    which costs a device-to-host sync."""
+    q_rot = rope_cache_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    return prefill_attention(
+        q_rot, k_cache, v_cache, cu_seqlens, cached_lens, block_tables, max_new_len, scale
+    )
+
+
+def rope_attention_prefill_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache_before: torch.Tensor,
+    v_cache_before: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    cached_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 reference, sequence by sequence with explicit softmax: cached K/V read from the cache as it
+    was before this chunk, new K/V rotated here. Returns out [T, Hq, D] float32."""
+    t, hq, d = q.shape
+    half, block_size, hkv = d // 2, k_cache_before.shape[1], k.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).split(half, dim=-1)
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().split(half, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    qr, kr = rot(q), rot(k)
+    out = torch.empty(t, hq, d, device=q.device)
+    for b in range(cu_seqlens.shape[0] - 1):
+        s0, s1, cached = int(cu_seqlens[b]), int(cu_seqlens[b + 1]), int(cached_lens[b])
+        pos = torch.arange(cached, device=q.device)
+        slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size
+        keys = torch.cat([k_cache_before.view(-1, hkv, d)[slots].float(), kr[s0:s1]])
+        vals = torch.cat([v_cache_before.view(-1, hkv, d)[slots].float(), v[s0:s1].float()])
+        keys = keys.repeat_interleave(hq // hkv, dim=1)
+        vals = vals.repeat_interleave(hq // hkv, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qr[s0:s1], keys) * scale
+        n = s1 - s0
+        causal = (
+            torch.arange(cached + n, device=q.device)[None, :]
+            <= (cached + torch.arange(n, device=q.device))[:, None]
+        )
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        out[s0:s1] = torch.einsum("hqk,khd->qhd", probs, vals)
+    return out

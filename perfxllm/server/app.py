@@ -1,0 +1,158 @@
+"""The FastAPI app: routes, the API key, body size and JSON checks, and errors in OpenAI's shape.
+
+Request bodies are read and validated here rather than by FastAPI, so that a bad body gets OpenAI's 400 (not
+FastAPI's 422) and an oversized one a 413 before it is all read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from perfxllm.engine.engine import Engine
+from perfxllm.info import weight_bytes_by_format
+from perfxllm.server.async_engine import AsyncEngine
+from perfxllm.server.disconnect import cancel_on_disconnect
+from perfxllm.server.metrics import Metrics
+from perfxllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
+from perfxllm.server.serving import OpenAIServing
+
+M = TypeVar("M", bound=BaseModel)
+DENSE_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None  # None: no authentication
+    max_queue: int = 512  # engine requests waiting or running; beyond it, 429
+    max_body_bytes: int = 4 * 2**20
+
+
+def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
+    """The engine is handed over: from here on only the AsyncEngine's thread touches it."""
+    model_name = Path(engine.model_path).name
+    metrics = Metrics(
+        {
+            "model": model_name,
+            "device": engine.device.type,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "quant": quant_label(engine),
+        }
+    )
+    async_engine = AsyncEngine(engine, config.max_queue, metrics)
+    serving = OpenAIServing(
+        async_engine, engine.tokenizer, model_name, engine.max_model_len, engine.model_config.vocab_size
+    )
+    model_card = {
+        "id": model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "perfxllm",
+        "max_model_len": engine.max_model_len,
+    }
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        await async_engine.close()
+
+    app = FastAPI(title="perfxllm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.async_engine = async_engine
+
+    async def api_error(_: Request, e: APIError) -> Response:
+        metrics.rejected[e.status] += 1
+        return JSONResponse(e.body(), status_code=e.status)
+
+    async def http_error(request: Request, e: HTTPException) -> Response:  # unknown route, wrong method
+        return await api_error(
+            request, APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}")
+        )
+
+    async def bug(request: Request, e: Exception) -> Response:  # logged with its traceback by Starlette
+        return await api_error(request, APIError(500, f"Internal error: {e!r}", type="server_error"))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, bug)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not async_engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    api = APIRouter(dependencies=[Depends(_authorize(config.api_key))] if config.api_key else [])
+
+    @api.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [model_card]}
+
+    @api.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict:
+        if model != model_name:
+            raise APIError(404, f"The model '{model}' does not exist.", param="model", code="model_not_found")
+        return model_card
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        return PlainTextResponse(metrics.render(async_engine.stats), media_type="text/plain; version=0.0.4")
+
+    @api.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await read_json(request, CompletionRequest, config.max_body_bytes)
+        return await cancel_on_disconnect(request, serving.completions(req))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await read_json(request, ChatCompletionRequest, config.max_body_bytes)
+        return await cancel_on_disconnect(request, serving.chat(req))
+
+    app.include_router(api)
+    return app
+
+
+def _authorize(api_key: str) -> Callable[[Request], Awaitable[None]]:
+    expected = f"Bearer {api_key}".encode()
+
+    async def check(request: Request) -> None:
+        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+            raise APIError(
+                401,
+                "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
+async def read_json(request: Request, model: type[M], limit: int) -> M:
+    too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
+def quant_label(engine: Engine) -> str:
+    """The packed weight formats (e.g. 'int4 g32'), or the dtype of a dense model."""
+    packed = sorted(f for f in weight_bytes_by_format(engine.model) if f not in DENSE_DTYPES)
+    return "+".join(packed) or str(engine.dtype).removeprefix("torch.")

@@ -1,0 +1,43 @@
+"""`perfxllm serve`: the OpenAI-compatible server on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from types import FrameType
+
+from perfxllm.errors import PerfxError
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from perfxllm.server.app import ServerConfig, create_app
+    except ImportError as e:
+        raise PerfxError(
+            f"perfxllm serve needs the server extra ({e}): pip install 'perfxllm[server]'"
+        ) from None
+    from perfxllm.cli import engine_options
+    from perfxllm.engine.config import EngineConfig
+    from perfxllm.engine.engine import Engine
+
+    if args.max_queue < 1 or args.max_body_mb <= 0:
+        raise PerfxError("--max-queue and --max-body-mb must be positive")
+    engine = Engine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, **engine_options(args)))
+    config = ServerConfig(
+        api_key=args.api_key or os.environ.get("PERFXLLM_API_KEY") or None,
+        max_queue=args.max_queue,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
+    app = create_app(engine, config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # uvicorn waits for open connections to finish: end the requests in flight now, so that streams
+            # close at once with an error event and non-streaming requests get a 503.
+            app.state.async_engine.stop()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    return 0

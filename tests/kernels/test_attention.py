@@ -1,0 +1,101 @@
+"""RoPE + cache write, prefill attention and decode attention on a paged cache with shuffled blocks,
+ragged sequences and partially filled blocks, against float32 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perfxllm.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from perfxllm.kernels.rope_attention_prefill import rope_attention_prefill, rope_attention_prefill_ref
+from perfxllm.kernels.rope_cache_write import rope_cache_write, rope_cache_write_ref
+from perfxllm.layers.rotary import rope_cos_sin_cache
+
+BLOCK_SIZE = 4
+TOL = 3e-3
+
+
+def make_paged(batch, total_lens, hkv, d, gen, num_blocks=64):
+    """Random (non-zero) caches and block tables that hand each sequence a shuffled set of blocks."""
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=gen).half()
+    v_cache = torch.randn(num_blocks, BLOCK_SIZE, hkv, d, generator=gen).half()
+    max_blocks = max(-(-n // BLOCK_SIZE) for n in total_lens) + 1
+    perm = torch.randperm(num_blocks, generator=gen)
+    tables = perm[: batch * max_blocks].view(batch, max_blocks).to(torch.int32)
+    return k_cache, v_cache, tables
+
+
+def slots_of(tables, seq, positions):
+    return tables[seq, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
+
+
+def test_rope_cache_write(device, rel_err):
+    gen = torch.Generator().manual_seed(0)
+    t, hq, hkv, d = 6, 4, 2, 32
+    k_cache, v_cache, tables = make_paged(1, [t], hkv, d, gen)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen).half()
+    q, k, v = qkv.view(t, -1, d).split([hq, hkv, hkv], dim=1)  # strided views of a fused projection
+    positions = torch.randint(0, 100, (t,), generator=gen)
+    slots = slots_of(tables, 0, torch.arange(t))
+    slots[2] = -1
+    cs = rope_cos_sin_cache(d, 128, 10000.0)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    ref_q = rope_cache_write_ref(q, k, v, positions, cs, ref_k, ref_v, slots)
+    kc, vc = k_cache.to(device), v_cache.to(device)
+    dev = [x.to(device) for x in (q, k, v, positions, cs)]
+    q_rot = rope_cache_write(*dev, kc, vc, slots.to(device))
+    assert rel_err(q_rot, ref_q) < TOL
+    assert rel_err(kc, ref_k) < TOL
+    assert torch.equal(vc.cpu(), ref_v)
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(4, 2, 32), (2, 2, 16)])
+@pytest.mark.parametrize(("cached", "new"), [([0, 5, 9], [7, 3, 18]), ([0], [20])])
+def test_prefill(hq, hkv, d, cached, new, device, rel_err):
+    gen = torch.Generator().manual_seed(sum(new) + d)
+    batch, t = len(new), sum(new)
+    k_cache, v_cache, tables = make_paged(batch, [c + n for c, n in zip(cached, new)], hkv, d, gen)
+    q = torch.randn(t, hq, d, generator=gen).half()
+    k = torch.randn(t, hkv, d, generator=gen).half()
+    v = torch.randn(t, hkv, d, generator=gen).half()
+    positions = torch.cat([c + torch.arange(n) for c, n in zip(cached, new)])
+    seq_of = torch.repeat_interleave(torch.arange(batch), torch.tensor(new))
+    slots = slots_of(tables, seq_of, positions)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    cached_t = torch.tensor(cached, dtype=torch.int32)
+    cs = rope_cos_sin_cache(d, 64, 10000.0)
+    ref = rope_attention_prefill_ref(q, k, v, positions, cs, k_cache, v_cache, cu, cached_t, tables)
+    dev = [x.to(device) for x in (q, k, v, positions, cs, k_cache, v_cache, slots, cu, cached_t, tables)]
+    out = rope_attention_prefill(*dev)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 64), (2, 2, 32)])
+@pytest.mark.parametrize("partition_size", [16, None])
+def test_decode(hq, hkv, d, partition_size, device, rel_err):
+    gen = torch.Generator().manual_seed(hq + d)
+    lens = [1, 17, 70]
+    k_cache, v_cache, tables = make_paged(len(lens), lens, hkv, d, gen)
+    q = torch.randn(len(lens), hq, d, generator=gen).half()
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)
+    dev = [x.to(device) for x in (q, k_cache, v_cache, tables, ctx)]
+    out = paged_decode_attention(*dev, max(lens), partition_size=partition_size)
+    assert rel_err(out, ref) < TOL
+
+
+def test_errors(device):
+    q = torch.randn(2, 4, 32, device=device).half()
+    cache = torch.randn(8, BLOCK_SIZE, 2, 32, device=device).half()
+    tables = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    ctx = torch.ones(2, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="context_lens must have dtype int32"):
+        paged_decode_attention(q, cache, cache, tables, ctx.long(), 1)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        paged_decode_attention(q[:, :3], cache, cache, tables, ctx, 1)
+    with pytest.raises(ValueError, match="v_cache must have shape"):
+        paged_decode_attention(q, cache, cache[:4], tables, ctx, 1)
+    with pytest.raises(ValueError, match="slot_mapping must have dtype int64"):
+        rope_cache_write(
+            q, q[:, :2], q[:, :2], ctx.long(), torch.ones(4, 32, device=device), cache, cache, ctx
+        )

@@ -1,0 +1,86 @@
+"""W4A16 matmul against the float32 reference from the spec format."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perfxllm.kernels import w4a16_matmul as mod
+from perfxllm.quant.formats import Int4Weight, pack_int4
+
+TOL = 3e-3  # fp16 activations and outputs, fp32 accumulation
+
+
+def random_int4(m: int, k: int, g: int, float_min: bool = False, seed: int = 0) -> Int4Weight:
+    gen = torch.Generator().manual_seed(seed)
+    wq = torch.randint(0, 16, (m, k), generator=gen, dtype=torch.uint8)
+    scales = (torch.rand(m, k // g, generator=gen) * 0.02 + 0.001).half()
+    if float_min:
+        zeros = (torch.randn(m, k // g, generator=gen) * 0.1).half()
+    else:
+        zeros = torch.randint(0, 16, (m, k // g), generator=gen, dtype=torch.uint8)
+    return Int4Weight(pack_int4(wq), scales, zeros, g)
+
+
+def run_case(n, m, k, g, device, rel_err, config=None, float_min=False, seed=0):
+    w = random_int4(m, k, g, float_min, seed)
+    x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1)).half()
+    ref = mod.w4a16_matmul_ref(x, w)
+    packed = mod.prepack(w.to(device))
+    out = torch.full((n, m), float("nan"), device=device, dtype=torch.float16)
+    res = mod.w4a16_matmul(x.to(device), packed, out=out, config=config)
+    assert res.data_ptr() == out.data_ptr()
+    assert out.dtype == torch.float16 and out.shape == (n, m)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("n", [1, 3])
+def test_gemv_group_sizes(n, g, device, rel_err):
+    run_case(n, 40, 3 * 128, g, device, rel_err, seed=g + n)
+
+
+@pytest.mark.parametrize("n", [mod.GEMV_MAX_N - 1, mod.GEMV_MAX_N, mod.GEMV_MAX_N + 1])
+def test_switch_point(n, device, rel_err):
+    """Both sides of the N at which the memory-bound tiling hands over to the tensor-core tiling."""
+    run_case(n, 24, 192, 64, device, rel_err, seed=n)
+
+
+def test_gemm_ragged(device, rel_err):
+    run_case(37, 72, 320, 32, device, rel_err, seed=5)
+
+
+def test_float_minimum_zeros(device, rel_err):
+    run_case(2, 16, 128, 32, device, rel_err, float_min=True)
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_split_k(split_k, device, rel_err):
+    cfg = dict(BLOCK_N=1, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    run_case(1, 20, 224, 32, device, rel_err, config=cfg)
+
+
+def test_leading_dims(device):
+    w = random_int4(16, 64, 32)
+    x = torch.randn(2, 3, 64).half()
+    out = mod.w4a16_matmul(x.to(device), mod.prepack(w.to(device)))
+    assert out.shape == (2, 3, 16)
+
+
+def test_errors(device):
+    packed = mod.prepack(random_int4(16, 64, 32).to(device))
+    with pytest.raises(ValueError, match="dtype"):
+        mod.w4a16_matmul(torch.randn(2, 64, device=device), packed)
+    with pytest.raises(ValueError, match="K=64"):
+        mod.w4a16_matmul(torch.randn(2, 96, device=device).half(), packed)
+    with pytest.raises(ValueError, match="W4Packed"):
+        mod.w4a16_matmul(torch.randn(2, 64, device=device).half(), torch.zeros(16, 32))
+    with pytest.raises(ValueError, match="group size"):
+        mod.prepack(
+            Int4Weight(
+                torch.zeros(4, 48, dtype=torch.uint8),
+                torch.ones(4, 1).half(),
+                torch.zeros(4, 1, dtype=torch.uint8),
+                96,
+            )
+        )

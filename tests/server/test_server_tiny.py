@@ -1,0 +1,127 @@
+"""Server behaviour that needs a hand on the Engine or the process (a failing step, an idle engine thread,
+Ctrl-C mid-stream), and request forms, on a tiny random model: fast, and independent of the default model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from tiny_models import save_tiny_model
+
+from perfxllm.engine.config import EngineConfig
+from perfxllm.engine.engine import Engine
+from perfxllm.server.app import ServerConfig
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, thread_server):
+    engine = Engine(EngineConfig(model=str(tiny_model_dir)))
+    with thread_server(engine, ServerConfig(max_queue=8)) as s:
+        yield s
+
+
+def completion(server, **body) -> dict:
+    r = server.post("/v1/completions", json={"temperature": 0, "max_tokens": 4, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def data_lines(response) -> list[str]:
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_engine_failure_fails_only_the_requests_in_flight(server):
+    runner = server.engine.runner
+    real_run = runner.run
+
+    def fail_once(batch):
+        runner.run = real_run
+        raise RuntimeError("injected fault")
+
+    body = {"prompt": "The quick", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with server.stream("/v1/completions", body) as r:
+        events = r.iter_lines()
+        assert next(e for e in events if e.startswith("data: "))
+        runner.run = fail_once
+        rest = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
+    error = json.loads(rest[-2])["error"]
+    assert rest[-1] == "[DONE]"
+    assert error["type"] == "server_error" and "injected fault" in error["message"]
+
+    runner.run = fail_once
+    r = server.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 4})
+    assert r.status_code == 500 and "injected fault" in r.json()["error"]["message"]
+
+    assert server.healthy()
+    assert completion(server, prompt="The quick")["choices"][0]["finish_reason"] == "length"
+    server.wait_idle()
+    assert server.metric("perfxllm_requests_total", 'finish_reason="error"') == 2
+
+
+def test_idle_engine_thread_blocks_instead_of_spinning(server):
+    server.wait_idle()
+    stat = Path(f"/proc/self/task/{server.app.state.async_engine.native_thread_id}/stat")
+    if not stat.exists():
+        pytest.skip("needs Linux /proc")
+
+    def cpu_ticks() -> int:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    before = cpu_ticks()
+    time.sleep(1.0)
+    assert cpu_ticks() - before <= 2  # clock ticks (1/100 s): a spinning thread would use ~100
+
+
+def test_several_prompts_and_token_ids(server):
+    tok = server.engine.tokenizer
+    one = completion(server, prompt="The quick")["choices"][0]["text"]
+    r = completion(server, prompt=["The quick", "Paris is"], n=2)
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert r["choices"][0]["text"] == r["choices"][1]["text"] == one
+    assert r["usage"]["prompt_tokens"] == len(tok.encode("The quick")) + len(tok.encode("Paris is"))
+    assert r["usage"]["completion_tokens"] == 16
+
+    ids = completion(server, prompt=tok.encode("The quick"))
+    assert ids["choices"][0]["text"] == one
+    assert len(completion(server, prompt=[tok.encode("The quick"), [5, 6, 7]])["choices"]) == 2
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_429(server):
+    r = server.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3, "max_tokens": 2})
+    assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
+
+
+def test_ctrl_c_ends_streams_in_flight_and_exits(spawn_server, tmp_path):
+    model = save_tiny_model(tmp_path / "long-context", max_position_embeddings=8192)
+    server = spawn_server(str(model)).wait_ready()
+    body = {"prompt": "The quick", "max_tokens": 8000, "ignore_eos": True, "stream": True}
+    with server.stream("/v1/completions", body) as r:
+        events = r.iter_lines()
+        assert next(e for e in events if e.startswith("data: "))
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        rest = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    assert "shutting down" in json.loads(rest[-2])["error"]["message"]
+    assert server.proc.wait(30) in (0, 130)  # 130: uvicorn re-raises the SIGINT it caught
+    assert time.monotonic() - started < 15
+    log = server.log.read_text()
+    assert "Traceback" not in log and "Finished server process" in log
+
+
+@pytest.mark.parametrize(
+    "bad", [{"temperature": 1e-300}, {"repetition_penalty": 1e-300}, {"temperature": 0.5, "seed": 2**64}]
+)
+def test_an_extreme_sampling_value_harms_no_other_request(server, bad):
+    body = {"prompt": "The quick", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with server.stream("/v1/completions", body) as r:
+        events = r.iter_lines()
+        assert next(e for e in events if e.startswith("data: "))
+        odd = server.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **bad})
+        rest = [e for e in events if e.startswith("data: ")]
+    assert odd.status_code in (200, 400), odd.text
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in e for e in rest)
