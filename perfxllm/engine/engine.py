@@ -101,7 +101,7 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seq = Sequence(request_id, list(prompt_ids), params)
         self.seqs[request_id] = seq
-        self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop)
+        self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop, prompt_ids)
         self.scheduler.add(seq)
         return request_id
 

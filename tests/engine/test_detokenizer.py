@@ -203,3 +203,17 @@ def test_stop_string_completed_by_a_token_that_ends_inside_a_character():
     assert t.decode(ids) == "aEND世"
     deltas, hit, _ = stream(t, ids, ["END"])
     assert hit and "".join(deltas) == "a" and len(deltas) == 4
+
+
+def test_sentencepiece_leading_space_of_the_answer_is_kept():
+    """Metaspace decoders drop the first token's leading space; decoding behind the prompt keeps it."""
+    vocab = {"<unk>": 0, "▁The": 1, "▁capital": 2, "▁is": 3, "▁Paris": 4, ".": 5}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = Tokenizer(tok, {})
+    assert tokenizer.decode([4]) == "Paris"  # the problem: alone, the space is gone
+    prompt = tokenizer.encode("The capital is")
+    d = Detokenizer(tokenizer, [], prompt)
+    text = d.add(4)[0] + d.add(5)[0] + d.flush()
+    assert text == " Paris."

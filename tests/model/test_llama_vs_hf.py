@@ -92,3 +92,29 @@ def test_tokenizer_matches_transformers(tiny_llama):
     for text in texts:
         assert ours.encode(text) == ref(text)["input_ids"], text
         assert ours.decode(ours.encode(text), skip_special_tokens=False) == text
+
+
+def test_sharded_safetensors_load_through_the_index(tmp_path):
+    folder = save_tiny_model(tmp_path / "whole")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    ref.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / name).write_bytes((folder / name).read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    ids = list(range(3, 40))
+    whole = prompt_logits(build_model(open_checkpoint(str(folder)), torch.device("cpu"), torch.float32), ids)
+    shards = prompt_logits(
+        build_model(open_checkpoint(str(sharded)), torch.device("cpu"), torch.float32), ids
+    )
+    assert torch.equal(whole, shards)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu_is_close(tiny_llama, dtype):
+    ckpt = open_checkpoint(str(tiny_llama))
+    ids = list(range(3, 60))
+    full = prompt_logits(build_model(ckpt, torch.device("cpu"), torch.float32), ids)
+    half = prompt_logits(build_model(open_checkpoint(str(tiny_llama)), torch.device("cpu"), dtype), ids)
+    assert relative_error(half, full) < 3e-2
