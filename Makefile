@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= What is the capital of France?
+# The web chat test drives Debian's Chromium through Playwright (which never downloads a browser).
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
 
 .PHONY: demo test setup setup-test lint
 
@@ -21,6 +23,7 @@ setup: $(PY)
 
 setup-test: setup
 	$(PY) -m pip install -q -e '.[test]'
+	test -x /usr/bin/chromium || $(APT) install -y -q chromium || { $(APT) update -q && $(APT) install -y -q chromium; }
 
 demo: setup
 	$(VENV)/bin/perfxllm generate --chat --temperature 0 --max-tokens 64 "$(PROMPT)"

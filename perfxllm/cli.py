@@ -28,10 +28,24 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
         help="random weights of a real shape instead of a model file: llama2-7b, llama3-8b, "
         "qwen2-0.5b, smollm2-135m, or a config.json (for speed work)",
     )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int4", "int8"],
+        help="quantize dense projections at load, round-to-nearest (int4: group 128); "
+        "for AWQ use `perfxllm quantize`",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (default: auto)")
     p.add_argument(
         "--max-model-len", type=int, default=None, help="context length (default: the model's, at most 8192)"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens per step; longer prompts are prefilled in chunks (default: 2048)",
     )
 
 
@@ -71,9 +85,12 @@ def sampling_params_from(args: argparse.Namespace):
 def engine_options(args: argparse.Namespace) -> dict:
     return dict(
         random_weights=args.random_weights,
+        quantization=args.quantization,
         device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
 
 
@@ -117,6 +134,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return run_quantize(args)
 
 
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from perfxllm.model.gguf_writer import write_gguf
+    from perfxllm.model.loader import open_checkpoint
+
+    write_gguf(open_checkpoint(args.model, args.random_weights, dequantize=True), args.output, args.type)
+    print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from perfxllm.eval.ppl import run_eval_ppl
 
@@ -136,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "evaluate a model's quality (perplexity)", cmd_eval),
         ("serve", "an OpenAI-compatible HTTP server", cmd_serve),
         ("bench", "benchmarks", cmd_bench),
+        (
+            "export-gguf",
+            "write a model as GGUF for llama.cpp (e.g. a random model of a real shape)",
+            cmd_export_gguf,
+        ),
     ]
     parsers = {}
     for name, help_text, fn in commands:
@@ -236,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PERFXLLM_API_KEY)"
     )
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -245,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body, MiB (default: 4)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    p = parsers["export-gguf"]
+    p.add_argument("model", nargs="?", default=None, help="model folder or GGUF file (or --random-weights)")
+    p.add_argument("--random-weights", default=None, metavar="PRESET|CONFIG", help="a seeded random model")
+    p.add_argument("--output", "-o", required=True, help="the .gguf file to write")
+    p.add_argument("--type", default="q4_0", choices=["q4_0", "q4_1", "q8_0", "f16", "f32"])
 
     bench = parsers["bench"].add_subparsers(dest="bench", required=True)
     p = bench.add_parser("kernels", help="Triton kernels against cuBLAS and the copy bandwidth (GPU)")

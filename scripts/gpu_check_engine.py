@@ -49,7 +49,8 @@ def main() -> None:
     for name, kw in models.items():
         cpu = run(kw, "cpu", "float32")
         gpu = run(kw, "cuda", "float32")
-        gpu16 = run(kw, "cuda", "float16")
+        gpu16 = run(kw, "cuda", "float16")  # the fast path: Triton kernels, CUDA-graph decode
+        eager16 = run({**kw, "enforce_eager": True}, "cuda", "float16")
         rel = float((gpu["logits"] - cpu["logits"]).norm() / cpu["logits"].norm())
         row = {
             "greedy_tokens_equal_fp32": cpu["tokens"] == gpu["tokens"],
@@ -57,6 +58,12 @@ def main() -> None:
             "cpu_fp32_tok_s": cpu["decode_tok_s_batch1"],
             "cuda_fp32_tok_s": gpu["decode_tok_s_batch1"],
             "cuda_fp16_tok_s": gpu16["decode_tok_s_batch1"],
+            "cuda_fp16_eager_tok_s": eager16["decode_tok_s_batch1"],
+            "fp16_graph_vs_eager_tokens_equal": gpu16["tokens"] == eager16["tokens"],
+            "fp16_first_divergence_per_prompt": [
+                next((i for i, (a, b) in enumerate(zip(c, g)) if a != b), len(c))
+                for c, g in zip(cpu["tokens"], gpu16["tokens"])
+            ],
             "fp16_first_divergence": next(
                 (i for i, (a, b) in enumerate(zip(cpu["tokens"][0], gpu16["tokens"][0])) if a != b), None
             ),

@@ -12,8 +12,6 @@ import argparse
 import itertools
 import json
 import math
-import os
-import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from perfxllm.bench import current_commit
 
 W4_M, W4_K = 12288, 4096
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # (M out, K in)
@@ -257,14 +257,6 @@ def bench_sampling(r: Runner) -> None:
     r.row("sampling", vocab, 0, batch, us, None, 4 * batch * vocab, 0)
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PERFXLLM_COMMIT")
-
-
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -325,7 +317,7 @@ def main(argv: list[str]) -> int:
                 r.checks.append((f"{key} raised", float("inf"), 0.0))
     result = dict(
         device=name,
-        commit=_commit(),
+        commit=current_commit(),
         torch=torch.__version__,
         triton=triton.__version__,
         command="perfxllm bench kernels " + " ".join(argv),

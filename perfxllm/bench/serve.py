@@ -26,12 +26,14 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from perfxllm import __version__
+from perfxllm.bench import current_commit
 from perfxllm.errors import PerfxError
 
 LENGTH_SIGMA = 0.7  # of log length: ShareGPT's lengths spread over about an order of magnitude
@@ -84,9 +86,13 @@ def run_bench_serve(args: argparse.Namespace) -> int:
         "seed": args.seed,
         **runs[-1],  # the last run, flat, for a quick look; every run is under "runs"
         "runs": runs,
-        "commit": _commit(),
+        "commit": current_commit(),
         "command": shlex.join(["perfxllm", *sys.argv[1:]]),
-        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("perfxllm", "torch")}},
+        "versions": {
+            "python": platform.python_version(),
+            "perfxllm": __version__,
+            "torch": torch.__version__,
+        },
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "loadavg_before_after": [load_before, os.getloadavg()[0]],  # other work on the machine skews timings
     }
@@ -135,7 +141,14 @@ def server(args: argparse.Namespace) -> Iterator[str]:
     cmd += [args.model] if args.model else []
     cmd += ["--random-weights", args.random_weights] if args.random_weights else []
     cmd += ["--device", args.device, "--dtype", args.dtype]
+    cmd += ["--quantization", args.quantization] if args.quantization else []
     cmd += ["--max-model-len", str(args.max_model_len)] if args.max_model_len else []
+    cmd += [
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+    ]
     cmd += ["--max-queue", str(max(args.num_requests, 512))]
     proc = subprocess.Popen(cmd)
     try:
@@ -237,16 +250,14 @@ async def send_one(client: Any, model: str, r: BenchRequest) -> Result:
 def run_offline(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple[dict[str, str], list[dict]]:
     from perfxllm.cli import engine_options
     from perfxllm.engine.config import EngineConfig
-    from perfxllm.engine.engine import Engine
+    from perfxllm.engine.engine import Engine, device_tag
     from perfxllm.sampling_params import SamplingParams
     from perfxllm.server.app import quant_label
 
-    engine = Engine(
-        EngineConfig(model=args.model, max_num_seqs=max(64, args.num_requests), **engine_options(args))
-    )
+    engine = Engine(EngineConfig(model=args.model, **engine_options(args)))
     info = {
         "model": Path(engine.model_path).name,
-        "device": engine.device.type,
+        "device": device_tag(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
         "quant": quant_label(engine),
     }
@@ -362,11 +373,3 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _commit() -> str | None:
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    return None

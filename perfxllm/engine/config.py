@@ -13,6 +13,7 @@ class EngineConfig:
     random_weights: str | None = (
         None  # a preset (llama2-7b, ...) or config.json: random weights of that shape
     )
+    quantization: str | None = None  # int4 | int8: round-to-nearest at load (see perfxllm.quant.on_load)
     device: str = "auto"  # auto | cpu | cuda[:N]
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     max_model_len: int | None = None  # None: the model's context, capped at 8192
@@ -21,6 +22,7 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_gb: float | None = None  # None: 90% of free GPU memory, or enough for the CPU's batch
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs for decode (they need the GPU and half precision)
     seed: int = 0
 
     def __post_init__(self) -> None:

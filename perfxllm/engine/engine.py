@@ -11,6 +11,7 @@ import torch
 
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
+from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.model_runner import ModelRunner
@@ -18,6 +19,7 @@ from perfxllm.engine.sampler import Sample, Sampler
 from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
 from perfxllm.engine.sequence import Sequence
 from perfxllm.errors import PerfxError, RequestError
+from perfxllm.kernels import runs_on_kernels
 from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
 from perfxllm.sampling_params import SamplingParams
 
@@ -46,11 +48,26 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def device_tag(device: torch.device) -> str:
+    """A short name for result files: cpu, h100, h200, ..."""
+    if device.type != "cuda":
+        return device.type
+    name = torch.cuda.get_device_name(device)
+    for tag in ("h100", "h200", "a100", "l40", "4090"):
+        if tag in name.lower():
+            return tag
+    return name.lower().replace(" ", "-")
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        ckpt = open_checkpoint(config.model, config.random_weights)
+        ckpt = open_checkpoint(config.model, config.random_weights, device=self.device)
+        if config.quantization:
+            from perfxllm.quant.on_load import QuantizeOnLoad
+
+            ckpt.source = QuantizeOnLoad(ckpt.source, config.quantization)
         self.model_path, self.model_config, self.tokenizer = ckpt.path, ckpt.config, ckpt.tokenizer
         self.dtype = resolve_dtype(config.dtype, self.device, ckpt.config)
         self.max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)
@@ -59,7 +76,7 @@ class Engine:
         self.kv_cache = KVCache(self.model, num_blocks, config.block_size, self.dtype, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, config.block_size, self.device)
+        self.runner = ModelRunner(self.model, config.block_size, self.device, self._capture_graphs())
         self.sampler = Sampler(self.device, config.seed)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
@@ -82,6 +99,13 @@ class Engine:
                 f"{self.max_model_len}: lower --max-model-len or give the cache more memory"
             )
         return num_blocks
+
+    def _capture_graphs(self) -> CUDAGraphRunner | None:
+        if self.config.enforce_eager or not runs_on_kernels(self.model.embed_tokens.weight):
+            return None
+        return CUDAGraphRunner(
+            self.model, self.config.max_num_seqs, self.max_model_len, self.config.block_size
+        )
 
     # -- requests ---------------------------------------------------------------------------------------
     def add_request(

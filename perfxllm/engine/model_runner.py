@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import Sequence
 from perfxllm.layers.attention import AttentionMetadata
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, block_size: int, device: torch.device) -> None:
-        self.model, self.block_size, self.device = model, block_size, device
+    def __init__(
+        self, model: nn.Module, block_size: int, device: torch.device, graphs: CUDAGraphRunner | None = None
+    ) -> None:
+        self.model, self.block_size, self.device, self.graphs = model, block_size, device, graphs
 
     def prepare(
         self, batch: ScheduledBatch
@@ -47,15 +50,29 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits float32 [S, vocab] for the S sequences whose step ends on their last token (they sample)."""
-        ids, positions, meta, last = self.prepare(batch)
-        hidden = self.model(ids, positions, meta)
         sampling = [
             i
             for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
             if s.num_computed_tokens + n == s.num_tokens
         ]
+        if self.graphs and max(batch.num_new_tokens) == 1 and self.graphs.can_run(len(batch.seqs)):
+            logits = self._run_graph(batch.seqs)
+            return logits[sampling], [batch.seqs[i] for i in sampling]
+        ids, positions, meta, last = self.prepare(batch)
+        hidden = self.model(ids, positions, meta)
         logits = self.model.compute_logits(hidden[[last[i] for i in sampling]])
         return logits, [batch.seqs[i] for i in sampling]
+
+    def _run_graph(self, seqs: list[Sequence]) -> torch.Tensor:
+        bs = self.block_size
+        positions = [s.num_computed_tokens for s in seqs]
+        return self.graphs.run(
+            [s.token_ids[p] for s, p in zip(seqs, positions)],
+            positions,
+            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)],
+            [p + 1 for p in positions],
+            [s.block_table for s in seqs],
+        )
 
 
 @torch.inference_mode()

@@ -41,26 +41,29 @@ class Sampler:
 
     @torch.inference_mode()  # penalties edit the logits in place: the model runner's are inference tensors
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        """logits float32 [S, vocab], one row per sequence."""
+        """logits float32 [S, vocab], one row per sequence. The tokens stay on the device until one copy to
+        the host at the end, so a GPU step waits for the device once, not once per sequence."""
         for row, seq in zip(logits, seqs):
             apply_penalties(row, seq)
-        samples = []
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.params
-            if p.greedy:
-                token = int(logits[i].argmax())
-            else:
+            if not p.greedy:
                 probs = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-                token = int(torch.multinomial(probs, 1, generator=self.generator_for(seq)))
-            sample = Sample(token)
-            if p.logprobs is not None:
-                sample.logprob = float(logprobs[i, token])
-                if p.logprobs > 0:
-                    top = logprobs[i].topk(p.logprobs)
-                    sample.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-            samples.append(sample)
+                tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(seq))[0]
+        samples = [Sample(t) for t in tokens.tolist()]
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wanted:
+            logprobs = torch.log_softmax(logits[wanted], dim=-1)
+            chosen = logprobs.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1).tolist()
+            top_k = max(seqs[i].params.logprobs for i in wanted)
+            top = logprobs.topk(top_k, dim=-1) if top_k else None
+            top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top else ([], [])
+            for j, i in enumerate(wanted):
+                n = seqs[i].params.logprobs
+                samples[i].logprob = chosen[j]
+                if n > 0:
+                    samples[i].top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
         return samples
 
 

@@ -8,12 +8,16 @@ and zero point (or float minimum) per group of G in {32, 64, 128} input channels
     scales  float16 [K // G, M]   transposed so a tile's scales are one contiguous load
     bias    float16 [K // G, M]   W = q * scale + bias (bias = -zero * scale, or the Q4_1 minimum)
 
-Two tilings, picked by N (tokens):
-    N <= GEMV_MAX_N  memory bound: one row tile of W per program, all N at once (FMA for N = 1, a 16-wide
-                     tensor-core dot otherwise), optionally split along K with fp32 atomics
+Three tilings, picked by N (tokens):
+    N = 1            GEMV: one row tile of W per program over wide K tiles (several groups each, 128-512
+                     bytes of every row per load, so enough bytes are in flight to stream the weights);
+                     products of raw nibbles and x summed per group, then scaled; split along K with fp32
+                     atomics when there are too few row tiles to fill the GPU
+    N <= GEMV_MAX_N  memory bound: one row tile of W per program, all N at once in a 16-wide tensor-core
+                     dot, optionally split along K
     N >  GEMV_MAX_N  compute bound: [BN, BM] output tiles on the tensor cores
 
-Both dequantize in registers and apply the group's scale after the dot over integer nibbles (exact in
+All dequantize in registers and apply the group's scale after the sum over integer nibbles (exact in
 fp16/bf16): acc += dot(x, q) * scale + rowsum(x) * bias. Block shapes are tuned per (path, M, K, N bucket) on
 the GPU and cached on disk (see _common.DiskTuner).
 """
@@ -43,6 +47,13 @@ class W4Packed:
     @property
     def shape(self) -> tuple[int, int]:
         return self.qweight.shape[0], self.qweight.shape[1] * 2
+
+    @property
+    def format_name(self) -> str:
+        return f"int4 g{self.group_size}"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a16_matmul(x, self)
 
 
 def prepack(w: Int4Weight) -> W4Packed:
@@ -106,34 +117,22 @@ def _w4a16_kernel(
     it_end = tl.minimum(it_start + per_split, num_iters)
 
     w_ptrs = qw_ptr + offs_m[:, None] * (K // 2) + j[None, :]
-    if BLOCK_N == 1:
-        acc2 = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
         qb = tl.load(w_ptrs + k0 // 2, mask=mask_m[:, None], other=0).to(tl.int16)
         grp = k0 // G
         s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
         b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-        if BLOCK_N == 1:
-            x_lo = tl.load(x_ptr + k0 + k_lo).to(tl.float32)
-            x_hi = tl.load(x_ptr + k0 + k_lo + 16).to(tl.float32)
-            w_lo = _nibbles_to_float(qb & 15, tl.float32) * s[:, None] + b[:, None]
-            w_hi = _nibbles_to_float(qb >> 4, tl.float32) * s[:, None] + b[:, None]
-            acc2 += w_lo * x_lo[None, :] + w_hi * x_hi[None, :]
-        else:
-            x_ptrs = x_ptr + offs_n[:, None] * stride_xn + k0 + k_lo[None, :]
-            x_lo = tl.load(x_ptrs, mask=mask_n[:, None], other=0)
-            x_hi = tl.load(x_ptrs + 16, mask=mask_n[:, None], other=0)
-            q_lo = _nibbles_to_float(qb & 15, dtype)
-            q_hi = _nibbles_to_float(qb >> 4, dtype)
-            part = tl.dot(x_lo, tl.trans(q_lo))
-            part = tl.dot(x_hi, tl.trans(q_hi), part)
-            x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-            acc += part * s[None, :] + x_sum[:, None] * b[None, :]
-    if BLOCK_N == 1:
-        acc = tl.sum(acc2, axis=1)[None, :]
+        x_ptrs = x_ptr + offs_n[:, None] * stride_xn + k0 + k_lo[None, :]
+        x_lo = tl.load(x_ptrs, mask=mask_n[:, None], other=0)
+        x_hi = tl.load(x_ptrs + 16, mask=mask_n[:, None], other=0)
+        q_lo = _nibbles_to_float(qb & 15, dtype)
+        q_hi = _nibbles_to_float(qb >> 4, dtype)
+        part = tl.dot(x_lo, tl.trans(q_lo))
+        part = tl.dot(x_hi, tl.trans(q_hi), part)
+        x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
+        acc += part * s[None, :] + x_sum[:, None] * b[None, :]
 
     out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_m[None, :]
     mask = mask_n[:, None] & mask_m[None, :]
@@ -143,15 +142,110 @@ def _w4a16_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
+@triton.jit
+def _w4_gemv_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    K,
+    split_k,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    HALF: tl.constexpr = BLOCK_K // 2
+    NG: tl.constexpr = BLOCK_K // G  # groups per K tile: bytes [g*G/2, (g+1)*G/2) of a tile are group g
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    j = tl.arange(0, HALF)
+    k_lo = (j // 16) * 32 + j % 16
+    offs_g = tl.arange(0, NG)
+
+    num_iters = K // BLOCK_K
+    per_split = tl.cdiv(num_iters, split_k)
+    it_start = pid_k * per_split
+    it_end = tl.minimum(it_start + per_split, num_iters)
+
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 2) + j[None, :]
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for it in range(it_start, it_end):
+        k0 = it * BLOCK_K
+        qb = tl.load(w_ptrs + k0 // 2, mask=mask_m[:, None], other=0).to(tl.int16)
+        x_lo = tl.load(x_ptr + k0 + k_lo).to(tl.float32)
+        x_hi = tl.load(x_ptr + k0 + k_lo + 16).to(tl.float32)
+        prod = _nibbles_to_float(qb & 15, tl.float32) * x_lo[None, :]
+        prod += _nibbles_to_float(qb >> 4, tl.float32) * x_hi[None, :]
+        per_group = tl.sum(tl.reshape(prod, (BLOCK_M, NG, G // 2)), axis=2)
+        x_sum = tl.sum(tl.reshape(x_lo + x_hi, (NG, G // 2)), axis=1)
+        sb = (k0 // G + offs_g)[None, :] * M + offs_m[:, None]
+        s = tl.load(s_ptr + sb, mask=mask_m[:, None], other=0).to(tl.float32)
+        b = tl.load(b_ptr + sb, mask=mask_m[:, None], other=0).to(tl.float32)
+        acc += tl.sum(per_group * s + x_sum[None, :] * b, axis=1)
+
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs_m, acc, mask=mask_m, sem="relaxed")
+    else:
+        tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=mask_m)
+
+
+def _gemv_configs(m: int, k: int, g: int) -> list[dict]:
+    """N = 1: K tiles of whole groups that divide K; row tiles; splits along K that fill the GPU."""
+    tiles = [bk for bk in (256, 512, 1024) if bk % g == 0 and k % bk == 0] or [g]
+    if interpreting():
+        return [dict(BLOCK_M=16, BLOCK_K=tiles[0], SPLIT_K=2, num_warps=4, num_stages=1)]
+    return [
+        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+        for bm in (16, 32, 64)
+        for bk in tiles[:2]
+        for sk in (1, 2, 4, 8)
+        for w in (4, 8)
+        for st in (2, 4)
+        if sk <= k // bk
+    ]
+
+
+def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    m, k = w.shape
+    split = cfg["SPLIT_K"]
+    dest = out if out is not None else x.new_empty(1, m)
+    acc = torch.zeros(1, m, device=x.device, dtype=torch.float32) if split > 1 else dest
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
+    _w4_gemv_kernel[grid](
+        x,
+        w.qweight,
+        w.scales,
+        w.bias,
+        acc,
+        m,
+        k,
+        split,
+        G=w.group_size,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        ATOMIC=split > 1,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+    if split > 1:
+        dest.copy_(acc)
+    return dest
+
+
 def _configs(path: str, n: int, g: int) -> list[dict]:
     """Candidate block shapes; BLOCK_K never exceeds the group size (one scale per row and iteration)."""
     if path == "gemv":
-        bn = 1 if n == 1 else 16
         if interpreting():
-            return [dict(BLOCK_N=bn, BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1)]
+            return [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1)]
         shapes = [(bm, bk, sk) for bm in (16, 32, 64) for bk in sorted({min(64, g), g}) for sk in (1, 2, 4)]
         return [
-            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+            dict(BLOCK_N=16, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
             for bm, bk, sk in shapes
             for st in (3, 5)
         ]
@@ -221,11 +315,13 @@ def w4a16_matmul(
         check_tensor("out", out, dtypes=(x.dtype,), shape=(*lead, m), device=x.device, contiguous=True)
     if n == 0:
         return x.new_empty(*lead, m) if out is None else out
-    path = "gemv" if n <= GEMV_MAX_N else "gemm"
+    path = "gemv1" if n == 1 else "gemv" if n <= GEMV_MAX_N else "gemm"
+    launch = _launch_gemv if n == 1 else _launch
     if config is None:
         key = f"{path}:{_n_bucket(n)}:{m}:{k}:{w.group_size}:{x.dtype}:{num_sms(x.device)}"
-        config = _tuner.pick(key, _configs(path, n, w.group_size), lambda c: _launch(x2, w, c))
-    return _launch(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
+        configs = _gemv_configs(m, k, w.group_size) if n == 1 else _configs(path, n, w.group_size)
+        config = _tuner.pick(key, configs, lambda c: launch(x2, w, c))
+    return launch(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
 
 
 def w4a16_matmul_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:

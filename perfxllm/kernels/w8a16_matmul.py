@@ -29,6 +29,13 @@ class W8Packed:
     def shape(self) -> tuple[int, int]:
         return tuple(self.qweight.shape)
 
+    @property
+    def format_name(self) -> str:
+        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return w8a16_matmul(x, self)
+
 
 def prepack(w: Int8Weight) -> W8Packed:
     """Repack a spec-format Int8Weight into the kernel layout."""

@@ -3,8 +3,9 @@
 The KV cache of one layer is two tensors [num_blocks, block_size, num_kv_heads, head_dim]. A step's tokens
 from all its sequences are packed back to back ([T, ...]); `AttentionMetadata` says where each sequence's
 tokens start, where their K/V go in the cache (slot = block * block_size + offset) and which blocks hold each
-sequence's context. The torch path here is the reference and the CPU path; CUDA kernels plug in behind the
-same call.
+sequence's context. `attention` is the one call the model makes: on the GPU in half precision it runs the
+Triton kernels (RoPE + cache write, then prefill flash attention or flash-decoding); elsewhere the torch
+path here, which is also their reference.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from perfxllm.kernels import runs_on_kernels
+from perfxllm.layers.rotary import apply_rope
+
 
 @dataclass
 class AttentionMetadata:
@@ -21,7 +25,43 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step's writes
     slot_mapping: torch.Tensor  # int64 [T]
     block_tables: torch.Tensor  # int32 [B, max_blocks]
-    max_context_len: int
+    max_context_len: int  # a host int that sizes kernel grids: under a CUDA graph, an upper bound
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Unrotated q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]: rotates q and k, writes k/v into the
+    cache, attends."""
+    if not runs_on_kernels(q):
+        q, k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+    from perfxllm.kernels.rope_cache_write import rope_cache_write
+
+    q_rot = rope_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
+    if max(meta.query_lens) == 1:
+        from perfxllm.kernels.paged_decode_attention import paged_decode_attention
+
+        return paged_decode_attention(
+            q_rot, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, scale
+        )
+    from perfxllm.kernels.rope_attention_prefill import prefill_attention
+
+    query_lens = torch.tensor(meta.query_lens, dtype=torch.int32, device=q.device)
+    cu_seqlens = F.pad(query_lens.cumsum(0, dtype=torch.int32), (1, 0))
+    cached_lens = meta.context_lens - query_lens
+    return prefill_attention(
+        q_rot, k_cache, v_cache, cu_seqlens, cached_lens, meta.block_tables, max(meta.query_lens), scale
+    )
 
 
 def write_kv_cache(

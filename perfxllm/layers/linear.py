@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perfxllm.kernels import KERNEL_DTYPES
 from perfxllm.quant.formats import Int4Weight, Int8Weight, map_tensors, tensor_fields
 
 Weight = torch.Tensor | Int4Weight | Int8Weight
@@ -20,8 +21,31 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
     """y = x @ W.T (+ bias) for x [..., K] and W of shape [M, K] in any supported format."""
     if isinstance(weight, torch.Tensor):
         return F.linear(x, weight, bias)
-    y = F.linear(x, weight.dequantize(x.dtype))
+    y = weight.matmul(x)
     return y if bias is None else y + bias
+
+
+def for_device(weight: Weight, device: torch.device, dtype: torch.dtype) -> Weight:
+    """The layout the device's fast kernel reads, made once at load time; weights that no kernel takes keep
+    the reference format (whose `matmul` dequantizes). dtype: the activations' dtype."""
+    if isinstance(weight, torch.Tensor):
+        return weight
+    if device.type == "cuda" and dtype in KERNEL_DTYPES:
+        if isinstance(weight, Int4Weight):
+            from perfxllm.kernels.w4a16_matmul import prepack
+
+            return prepack(weight)
+        from perfxllm.kernels.w8a16_matmul import prepack
+
+        return prepack(weight)
+    return weight
+
+
+def prepare_linears(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Swap every projection's weight for its device layout (after loading: fusing needs the spec format)."""
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight is not None:
+            module.weight = for_device(module.weight, device, dtype)
 
 
 class Linear(nn.Module):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perfxllm.kernels import runs_on_kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
@@ -16,6 +18,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        if runs_on_kernels(x):
+            from perfxllm.kernels.add_rmsnorm import add_rmsnorm
+
+            return add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

@@ -21,12 +21,12 @@ from perfxllm.errors import ModelLoadError, UnsupportedError
 from perfxllm.model.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_GLOBAL_NAMES = {
+GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj",
@@ -66,10 +66,7 @@ class GGUFCheckpoint:
         module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
         if self.config["model_type"] != "llama" or module not in heads:
             return None
-        n_heads = self.config[heads[module]]
-        rows = int(self.raw_tensor(hf_name).shape[-1])
-        # stored row h*d + 2i + k holds Hugging Face row h*d + k*d/2 + i (head h, pair i, half k)
-        return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+        return rope_row_order(self.config[heads[module]], int(self.raw_tensor(hf_name).shape[-1]))
 
     def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized, [out_features, in_features] as in Hugging Face."""
@@ -85,6 +82,12 @@ class GGUFCheckpoint:
     def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.tensors:
             yield name, self.tensor(name, dtype)
+
+
+def rope_row_order(n_heads: int, rows: int) -> np.ndarray:
+    """Row indices that take a q/k weight from llama.cpp's rotary order to Hugging Face's: stored row
+    h*d + 2i + k holds Hugging Face row h*d + k*d/2 + i (head h, pair i, half k)."""
+    return np.arange(rows).reshape(n_heads, rows // n_heads // 2, 2).transpose(0, 2, 1).reshape(-1)
 
 
 def load_gguf(path: str) -> GGUFCheckpoint:
@@ -141,10 +144,10 @@ def _hf_tensors(path: str, reader: GGUFReader, arch: str) -> dict[str, ReaderTen
         if t.name == _ROPE_FREQS or t.name.endswith(".attn_rot_embd"):
             continue  # rotary tables, computed by the engine
         m = _LAYER_TENSOR.fullmatch(t.name)
-        if t.name in _GLOBAL_NAMES:
-            name = _GLOBAL_NAMES[t.name]
-        elif m and m[2] in _LAYER_NAMES:
-            name = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{m[3]}"
+        if t.name in GLOBAL_NAMES:
+            name = GLOBAL_NAMES[t.name]
+        elif m and m[2] in LAYER_NAMES:
+            name = f"model.layers.{m[1]}.{LAYER_NAMES[m[2]]}.{m[3]}"
         else:
             raise UnsupportedError(f"{path}: unsupported tensor {t.name!r} for architecture {arch!r}")
         if not _dequantizable(t.tensor_type):

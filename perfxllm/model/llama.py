@@ -12,10 +12,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from perfxllm.layers.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
+from perfxllm.layers.activation import silu_and_mul
+from perfxllm.layers.attention import AttentionMetadata, attention
 from perfxllm.layers.linear import Linear, linear
 from perfxllm.layers.norm import RMSNorm
-from perfxllm.layers.rotary import apply_rope, rope_cos_sin_cache
+from perfxllm.layers.rotary import rope_cos_sin_cache
 from perfxllm.model.config import ModelConfig
 
 
@@ -38,25 +39,28 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), positions, cos_sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), positions, cos_sin)
-        write_kv_cache(
-            k, v.view(-1, self.num_kv_heads, self.head_dim), self.k_cache, self.v_cache, meta.slot_mapping
+        out = attention(
+            q.view(-1, self.num_heads, self.head_dim),
+            k.view(-1, self.num_kv_heads, self.head_dim),
+            v.view(-1, self.num_kv_heads, self.head_dim),
+            positions,
+            cos_sin,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            self.scale,
         )
-        out = paged_attention_ref(q, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

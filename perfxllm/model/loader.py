@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from perfxllm.errors import ModelLoadError
-from perfxllm.layers.linear import Linear, Weight, concat_weights
+from perfxllm.layers.linear import Linear, Weight, concat_weights, prepare_linears
 from perfxllm.model.config import ModelConfig
 from perfxllm.model.registry import model_class
 from perfxllm.model.tokenizer import Tokenizer
@@ -41,16 +41,19 @@ class Checkpoint:
 
 
 def open_checkpoint(
-    path: str | None, random_weights: str | None = None, dequantize: bool | None = None
+    path: str | None,
+    random_weights: str | None = None,
+    dequantize: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> Checkpoint:
     """path: a Hugging Face folder or a GGUF file (None: the default model). random_weights: a preset name or
     a config.json, for a seeded random model of that shape instead. A GGUF file's Q4_0 / Q4_1 / Q8_0
     projections: dequantize=False imports them as packed weights, True dequantizes them, None (the default)
-    packs them except on the CPU (see build_model)."""
+    packs them except on the CPU (see build_model). device: where random weights are drawn."""
     if random_weights:
         from perfxllm.model.random_weights import RandomCheckpoint
 
-        source = RandomCheckpoint(random_weights)
+        source = RandomCheckpoint(random_weights, device=device)
         return Checkpoint(
             source.name, ModelConfig.from_hf(source.config), Tokenizer(source.tokenizer, {}), source
         )
@@ -221,4 +224,5 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> n
     model.to(dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.float()
     load_weights(model, _tensors(ckpt.source, device), device, dtype)
+    prepare_linears(model, device, dtype)
     return model.eval().requires_grad_(False)

@@ -1,5 +1,7 @@
-"""Random-weight models of real shapes, for speed work without multi-GB downloads: built where they run,
-seeded so that two runs (e.g. CPU and GPU) get the same weights, with a byte-level tokenizer."""
+"""Random-weight models of real shapes, for speed work without multi-GB downloads, with a byte-level
+tokenizer. Seeded: models under a billion parameters are drawn on the CPU, so that every device gets the same
+weights (the CPU-vs-GPU checks compare them); larger ones are drawn on the device they run on, which takes
+seconds instead of minutes, and so differ between devices."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from perfxllm.errors import ModelLoadError
 from perfxllm.model.config import ModelConfig
 
+DEVICE_DRAW_MIN_PARAMS = 1e9
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 PRESETS: dict[str, dict[str, Any]] = {
     "llama2-7b": {
@@ -66,10 +69,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def byte_tokenizer() -> Tokenizer:
-    """Ids 0..255 are the bytes (GPT-2's byte-to-unicode alphabet); higher ids decode to nothing."""
+def byte_tokenizer(vocab_size: int) -> Tokenizer:
+    """Ids 0..255 are the bytes (GPT-2's byte-to-unicode alphabet), which is all that encoding produces;
+    every higher id decodes to a word of its own (" a", " b", ..., " ba", ...), so that a random model's
+    output streams as text like a real model's."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda c: c.encode("utf-8"))
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    for i in range(len(alphabet), vocab_size):
+        n, word = i - len(alphabet), ""
+        while True:
+            n, r = divmod(n, 26)
+            word = chr(ord("a") + r) + word
+            if n == 0:
+                break
+        vocab["\u0120" + word] = i  # U+0120 is the byte-level alphabet's space
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -85,8 +99,12 @@ class RandomCheckpoint:
             raise ModelLoadError(f"--random-weights takes a config.json or one of: {', '.join(PRESETS)}")
         self.config.setdefault("eos_token_id", None)
         self.name = f"random-{Path(spec).stem if spec not in PRESETS else spec}"
-        self.seed, self.device = seed, torch.device(device)
-        self.tokenizer = byte_tokenizer()
+        cfg = ModelConfig.from_hf(self.config)
+        h, per_layer = cfg.hidden_size, 4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size
+        num_params = cfg.num_layers * per_layer + 2 * cfg.vocab_size * h
+        self.seed = seed
+        self.device = torch.device(device if num_params >= DEVICE_DRAW_MIN_PARAMS else "cpu")
+        self.tokenizer = byte_tokenizer(cfg.vocab_size)
         self.tokenizer_config: dict[str, Any] = {}
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

@@ -75,6 +75,10 @@ class Int4Weight:
         w = q * s + z if self.zeros.is_floating_point() else (q - z) * s
         return w.reshape(m, k).to(dtype)
 
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T, the reference: dequantize, then a dense matmul."""
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+
 
 @dataclass
 class Int8Weight:
@@ -100,6 +104,10 @@ class Int8Weight:
             return (q * s.unsqueeze(-1)).to(dtype)
         m, k = self.shape
         return (q.view(m, -1, self.group_size) * s.unsqueeze(-1)).reshape(m, k).to(dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T, the reference: dequantize, then a dense matmul."""
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
 
 
 PackedWeight = TypeVar("PackedWeight", Int4Weight, Int8Weight)

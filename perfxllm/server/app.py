@@ -17,9 +17,10 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.staticfiles import StaticFiles
 
-from perfxllm.engine.engine import Engine
+from perfxllm.engine.engine import Engine, device_tag
 from perfxllm.info import weight_bytes_by_format
 from perfxllm.server.async_engine import AsyncEngine
 from perfxllm.server.disconnect import cancel_on_disconnect
@@ -29,6 +30,7 @@ from perfxllm.server.serving import OpenAIServing
 
 M = TypeVar("M", bound=BaseModel)
 DENSE_DTYPES = {"float32", "float16", "bfloat16"}
+STATIC_DIR = Path(__file__).parent / "static"  # PerfXChat in the browser: plain HTML, JS and CSS
 
 
 @dataclass
@@ -44,7 +46,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     metrics = Metrics(
         {
             "model": model_name,
-            "device": engine.device.type,
+            "device": device_tag(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
             "quant": quant_label(engine),
         }
@@ -91,6 +93,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         if not async_engine.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/")  # the chat page and its files need no API key: the page asks for it when the API does
+    async def webchat() -> Response:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     api = APIRouter(dependencies=[Depends(_authorize(config.api_key))] if config.api_key else [])
 

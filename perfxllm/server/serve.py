@@ -24,7 +24,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 1 or args.max_body_mb <= 0:
         raise PerfxError("--max-queue and --max-body-mb must be positive")
-    engine = Engine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs, **engine_options(args)))
+    engine = Engine(EngineConfig(model=args.model, **engine_options(args)))
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("PERFXLLM_API_KEY") or None,
         max_queue=args.max_queue,

@@ -56,8 +56,18 @@ def test_float_minimum_zeros(device, rel_err):
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_split_k(split_k, device, rel_err):
-    cfg = dict(BLOCK_N=1, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
-    run_case(1, 20, 224, 32, device, rel_err, config=cfg)
+    cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    run_case(2, 20, 224, 32, device, rel_err, config=cfg)
+
+
+@pytest.mark.parametrize(
+    ("g", "block_k", "split_k"), [(32, 256, 1), (64, 256, 3), (128, 512, 2), (128, 128, 1)]
+)
+def test_gemv_wide_k_tiles(g, block_k, split_k, device, rel_err):
+    """N = 1 with K tiles of several groups (ragged M, splits that do not divide the tiles evenly)."""
+    cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
+    run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
 
 
 def test_leading_dims(device):

@@ -1,0 +1,78 @@
+"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, captured once at start-up over
+static input buffers. A step copies its inputs into the buffers' first rows and replays the smallest bucket
+that holds its batch; the padding rows write no cache slot (slot -1) and their logits are ignored.
+
+The graphs bake in the kernels' grids: decode attention is sized for max_model_len (partitions past a
+sequence's context exit at once) and the int4 matmuls use the block shapes tuned during the warm-up run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from perfxllm.layers.attention import AttentionMetadata
+
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class CUDAGraphRunner:
+    def __init__(self, model: nn.Module, max_batch: int, max_model_len: int, block_size: int) -> None:
+        device = model.cos_sin_cache.device
+        self.model, self.max_model_len = model, max_model_len
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        n, max_blocks = self.buckets[-1], -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        pool = None
+        for b in reversed(self.buckets):  # largest first, so the smaller graphs fit in its memory pool
+            self._forward(b)  # warm-up: compiles and tunes the kernels outside the capture
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[b] = self._forward(b)
+            pool = graph.pool()
+            self.graphs[b] = graph
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            query_lens=[1] * b,
+            context_lens=self.context_lens[:b],
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            max_context_len=self.max_model_len,
+        )
+        hidden = self.model(self.input_ids[:b], self.positions[:b], meta)
+        return self.model.compute_logits(hidden)
+
+    def can_run(self, batch_size: int) -> bool:
+        return batch_size <= self.buckets[-1]
+
+    def run(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode token for each of B sequences -> logits float32 [B, vocab] (a view into the graph's
+        output: read it before the next step)."""
+        b = len(input_ids)
+        bucket = next(x for x in self.buckets if x >= b)
+        self.input_ids[:b].copy_(torch.tensor(input_ids), non_blocking=True)
+        self.positions[:b].copy_(torch.tensor(positions), non_blocking=True)
+        self.slot_mapping[:b].copy_(torch.tensor(slots), non_blocking=True)
+        self.slot_mapping[b:bucket].fill_(-1)
+        self.context_lens[b:bucket].fill_(1)
+        self.context_lens[:b].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
+        width = max(len(t) for t in block_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.logits[bucket][:b]
