@@ -42,6 +42,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
     p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="shard the model over this many GPUs (processes on the CPU) (default: 1)",
+    )
+    p.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=2048,
@@ -91,6 +98,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

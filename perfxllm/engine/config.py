@@ -22,10 +22,13 @@ class EngineConfig:
     block_size: int = 16
     kv_cache_memory_gb: float | None = None  # None: 90% of free GPU memory, or enough for the CPU's batch
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
     enforce_eager: bool = False  # True: no CUDA graphs for decode (they need the GPU and half precision)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise PerfxError("tensor_parallel_size must be at least 1")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.block_size < 1:
             raise PerfxError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         if self.max_model_len is not None and self.max_model_len < 2:

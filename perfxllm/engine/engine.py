@@ -3,11 +3,14 @@ drive this one object; `step()` is the whole loop body."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
@@ -20,8 +23,11 @@ from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
 from perfxllm.engine.sequence import Sequence
 from perfxllm.errors import PerfxError, RequestError
 from perfxllm.kernels import runs_on_kernels
-from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
+from perfxllm.model.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
 from perfxllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from perfxllm.engine.tensor_parallel import TPGroup
 
 log = logging.getLogger(__name__)
 
@@ -59,31 +65,58 @@ def device_tag(device: torch.device) -> str:
     return name.lower().replace(" ", "-")
 
 
+def load_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
+    ckpt = open_checkpoint(config.model, config.random_weights, device=device)
+    if config.quantization:
+        from perfxllm.quant.on_load import QuantizeOnLoad
+
+        ckpt.source = QuantizeOnLoad(ckpt.source, config.quantization)
+    return ckpt
+
+
+def make_runner(
+    model: nn.Module, config: EngineConfig, num_blocks: int, max_model_len: int, tp: TPGroup | None = None
+) -> ModelRunner:
+    """The KV cache, the decode CUDA graphs (GPU, half precision) and the runner over them."""
+    weight = model.layers[0].input_layernorm.weight
+    KVCache(model, num_blocks, config.block_size, weight.dtype, weight.device)
+    graphs = None
+    if not config.enforce_eager and runs_on_kernels(weight):
+        graphs = CUDAGraphRunner(model, config.max_num_seqs, max_model_len, config.block_size)
+    return ModelRunner(model, config.block_size, weight.device, graphs, tp)
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        ckpt = open_checkpoint(config.model, config.random_weights, device=self.device)
-        if config.quantization:
-            from perfxllm.quant.on_load import QuantizeOnLoad
+        ckpt = load_checkpoint(config, self.device)
+        self.tp, self._workers = None, []
+        if config.tensor_parallel_size > 1:
+            from perfxllm.engine import tensor_parallel
 
-            ckpt.source = QuantizeOnLoad(ckpt.source, config.quantization)
+            tensor_parallel.check_divisible(ckpt.config, config.tensor_parallel_size)
+            self.tp, self._workers = tensor_parallel.start(config, self.device)
+            atexit.register(self.close)
         self.model_path, self.model_config, self.tokenizer = ckpt.path, ckpt.config, ckpt.tokenizer
         self.dtype = resolve_dtype(config.dtype, self.device, ckpt.config)
         self.max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)
-        self.model = build_model(ckpt, self.device, self.dtype)
+        self.model = build_model(ckpt, self.device, self.dtype, self.tp)
         num_blocks = self._num_kv_blocks()
-        self.kv_cache = KVCache(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        if self.tp is not None:
+            self.tp.broadcast(num_blocks)
+        self.runner = make_runner(self.model, config, num_blocks, self.max_model_len, self.tp)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, config.block_size, self.device, self._capture_graphs())
         self.sampler = Sampler(self.device, config.seed)
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
 
     def _num_kv_blocks(self) -> int:
-        per_block = bytes_per_block(self.model_config, self.config.block_size, self.dtype)
+        per_block = bytes_per_block(
+            self.model.config, self.config.block_size, self.dtype
+        )  # this rank's heads
         one_seq = -(-self.max_model_len // self.config.block_size)
         if self.config.kv_cache_memory_gb is not None:
             budget = self.config.kv_cache_memory_gb * 2**30
@@ -100,12 +133,13 @@ class Engine:
             )
         return num_blocks
 
-    def _capture_graphs(self) -> CUDAGraphRunner | None:
-        if self.config.enforce_eager or not runs_on_kernels(self.model.embed_tokens.weight):
-            return None
-        return CUDAGraphRunner(
-            self.model, self.config.max_num_seqs, self.max_model_len, self.config.block_size
-        )
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do without them)."""
+        if self.tp is not None:
+            from perfxllm.engine import tensor_parallel
+
+            tensor_parallel.stop(self.tp, self._workers)
+            self.tp, self._workers = None, []
 
     # -- requests ---------------------------------------------------------------------------------------
     def add_request(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -10,69 +13,81 @@ from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import Sequence
 from perfxllm.layers.attention import AttentionMetadata
 
+if TYPE_CHECKING:
+    from perfxllm.engine.tensor_parallel import TPGroup
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs as plain lists: what the scheduler decided, in the form every tensor-parallel
+    rank runs (rank 0 broadcasts it)."""
+
+    input_ids: list[int]  # the new tokens of all sequences, back to back
+    positions: list[int]
+    slots: list[int]  # KV-cache slot of each new token
+    query_lens: list[int]  # new tokens per sequence
+    context_lens: list[int]  # tokens in the cache per sequence after this step
+    block_tables: list[list[int]]
+    logit_rows: list[int]  # the tokens whose next-token logits are wanted (each sampling sequence's last)
+
 
 class ModelRunner:
     def __init__(
-        self, model: nn.Module, block_size: int, device: torch.device, graphs: CUDAGraphRunner | None = None
+        self,
+        model: nn.Module,
+        block_size: int,
+        device: torch.device,
+        graphs: CUDAGraphRunner | None = None,
+        tp: TPGroup | None = None,
     ) -> None:
         self.model, self.block_size, self.device, self.graphs = model, block_size, device, graphs
+        self.tp = tp  # set on rank 0 of a tensor-parallel group: it broadcasts each step to the others
 
-    def prepare(
-        self, batch: ScheduledBatch
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        last_token_index: list[int] = []
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+        inputs = StepInputs([], [], [], list(batch.num_new_tokens), [], [], [])
+        sampling: list[Sequence] = []
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start : start + n]
+            inputs.input_ids += seq.token_ids[start : start + n]
             pos = range(start, start + n)
-            positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
-            context_lens.append(start + n)
-            last_token_index.append(len(input_ids) - 1)
-        width = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in batch.seqs]
-        to = dict(device=self.device)
-        meta = AttentionMetadata(
-            query_lens=list(batch.num_new_tokens),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, **to),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, **to),
-            block_tables=torch.tensor(tables, dtype=torch.int32, **to),
-            max_context_len=max(context_lens),
-        )
-        ids = torch.tensor(input_ids, dtype=torch.int64, **to)
-        return ids, torch.tensor(positions, dtype=torch.int64, **to), meta, last_token_index
+            inputs.positions += pos
+            inputs.slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            inputs.context_lens.append(start + n)
+            inputs.block_tables.append(seq.block_table)
+            if start + n == seq.num_tokens:
+                inputs.logit_rows.append(len(inputs.input_ids) - 1)
+                sampling.append(seq)
+        return inputs, sampling
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits float32 [S, vocab] for the S sequences whose step ends on their last token (they sample)."""
-        sampling = [
-            i
-            for i, (s, n) in enumerate(zip(batch.seqs, batch.num_new_tokens))
-            if s.num_computed_tokens + n == s.num_tokens
-        ]
-        if self.graphs and max(batch.num_new_tokens) == 1 and self.graphs.can_run(len(batch.seqs)):
-            logits = self._run_graph(batch.seqs)
-            return logits[sampling], [batch.seqs[i] for i in sampling]
-        ids, positions, meta, last = self.prepare(batch)
-        hidden = self.model(ids, positions, meta)
-        logits = self.model.compute_logits(hidden[[last[i] for i in sampling]])
-        return logits, [batch.seqs[i] for i in sampling]
+        inputs, sampling = self.prepare(batch)
+        if self.tp is not None:
+            self.tp.broadcast(inputs)
+        return self.execute(inputs), sampling
 
-    def _run_graph(self, seqs: list[Sequence]) -> torch.Tensor:
-        bs = self.block_size
-        positions = [s.num_computed_tokens for s in seqs]
-        return self.graphs.run(
-            [s.token_ids[p] for s, p in zip(seqs, positions)],
-            positions,
-            [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)],
-            [p + 1 for p in positions],
-            [s.block_table for s in seqs],
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor:
+        if self.graphs and max(inputs.query_lens) == 1 and self.graphs.can_run(len(inputs.query_lens)):
+            logits = self.graphs.run(
+                inputs.input_ids, inputs.positions, inputs.slots, inputs.context_lens, inputs.block_tables
+            )
+            return logits[inputs.logit_rows]
+        to = dict(device=self.device)
+        width = max(len(t) for t in inputs.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in inputs.block_tables]
+        meta = AttentionMetadata(
+            query_lens=inputs.query_lens,
+            context_lens=torch.tensor(inputs.context_lens, dtype=torch.int32, **to),
+            slot_mapping=torch.tensor(inputs.slots, dtype=torch.int64, **to),
+            block_tables=torch.tensor(tables, dtype=torch.int32, **to),
+            max_context_len=max(inputs.context_lens),
         )
+        ids = torch.tensor(inputs.input_ids, dtype=torch.int64, **to)
+        hidden = self.model(ids, torch.tensor(inputs.positions, dtype=torch.int64, **to), meta)
+        return self.model.compute_logits(hidden[inputs.logit_rows])
 
 
 @torch.inference_mode()

@@ -4,6 +4,7 @@ changes when a faster kernel is plugged in."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import accumulate
 
@@ -57,9 +58,11 @@ class Linear(nn.Module):
         self.weight: Weight | None = None
         self.bias: torch.Tensor | None = None
         self.has_bias = bias
+        self.reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # tensor parallel: the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
+        return y if self.reduce is None else self.reduce(y)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.has_bias}"
@@ -86,6 +89,23 @@ def select_rows(weight: Weight, index: torch.Tensor | slice) -> Weight:
     if isinstance(weight, torch.Tensor):
         return weight[index]
     return map_tensors(weight, lambda t: t[index])
+
+
+def select_columns(weight: Weight, start: int, end: int) -> Weight:
+    """The input channels [start, end) of a weight, in any format; a packed weight is cut along whole groups."""
+    if isinstance(weight, torch.Tensor):
+        return weight[:, start:end].contiguous()
+    g = weight.group_size
+    if g is not None and (start % g or end % g):
+        raise ValueError(f"columns [{start}, {end}) cut through groups of {g}: cannot shard this weight")
+    if isinstance(weight, Int4Weight):
+        groups = slice(start // g, end // g)
+        qweight = weight.qweight[:, start // 2 : end // 2]
+        return replace(
+            weight, qweight=qweight, scales=weight.scales[:, groups], zeros=weight.zeros[:, groups]
+        )
+    scales = weight.scales if g is None else weight.scales[:, start // g : end // g]
+    return replace(weight, qweight=weight.qweight[:, start:end], scales=scales)
 
 
 def split_weight(weight: Weight, sizes: list[int]) -> list[Weight]:

@@ -7,7 +7,7 @@ weights along the output dimension, so each layer runs two matmuls where the che
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from perfxllm.layers.linear import Linear, linear
 from perfxllm.layers.norm import RMSNorm
 from perfxllm.layers.rotary import rope_cos_sin_cache
 from perfxllm.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from perfxllm.engine.tensor_parallel import TPGroup
 
 
 class LlamaAttention(nn.Module):
@@ -105,6 +108,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        self.tp: TPGroup | None = None  # set by engine.tensor_parallel.shard_model
         self.register_buffer(
             "cos_sin_cache",
             rope_cos_sin_cache(
@@ -126,4 +130,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
         weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return linear(hidden, weight).float()
+        logits = linear(hidden, weight).float()
+        return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)

@@ -7,12 +7,15 @@ import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from perfxllm.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from perfxllm.engine.tensor_parallel import TPGroup
 from perfxllm.layers.linear import Linear, Weight, concat_weights, prepare_linears
 from perfxllm.model.config import ModelConfig
 from perfxllm.model.registry import model_class
@@ -217,12 +220,19 @@ def _tensors(source: Any, device: torch.device) -> Iterable[tuple[str, Weight]]:
     return source.iter_tensors()
 
 
-def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp: TPGroup | None = None
+) -> nn.Module:
+    """The model on device in dtype; with tp, this rank's tensor-parallel slice of it."""
     cls = model_class(ckpt.config.architecture)
     with torch.device(device):
         model = cls(ckpt.config)
     model.to(dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.float()
     load_weights(model, _tensors(ckpt.source, device), device, dtype)
+    if tp is not None:
+        from perfxllm.engine.tensor_parallel import shard_model
+
+        shard_model(model, tp)
     prepare_linears(model, device, dtype)
     return model.eval().requires_grad_(False)
