@@ -64,9 +64,14 @@ class LLM:
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
         ids = [self.engine.add_request(p, params) for p in prompt_ids]
         results = {i: Completion("", [], None, len(p)) for i, p in zip(ids, prompt_ids)}
-        while self.engine.has_unfinished():
+        pending = set(ids)
+        while pending:
             for out in self.engine.step():
-                c = results[out.request_id]
+                c = results.get(out.request_id)
+                if c is None:  # a request of an open stream_ids iterator: its reader gets it from there
+                    continue
+                if out.finished:
+                    pending.discard(out.request_id)
                 c.text += out.text
                 c.token_ids += out.token_ids
                 c.logprobs += out.logprobs
