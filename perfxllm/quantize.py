@@ -35,16 +35,22 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise PerfxError(f"{ckpt.path} is already quantized: give a dense model (or a GGUF file)")
     if args.seq_len > ckpt.config.max_position_embeddings:
         raise PerfxError(f"--seq-len {args.seq_len} is longer than the model's context")
-    model = build_model(ckpt, device, resolve_dtype(args.dtype, device, ckpt.config))
+    spec = QuantSpec(args.bits, args.group_size)
+    cfg = ckpt.config
+    try:  # every projection's input width takes some group size
+        for k in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size):
+            spec.group_size_for(k)
+    except ValueError as e:
+        raise PerfxError(f"{ckpt.path}: {e}") from None
+    model = build_model(ckpt, device, resolve_dtype(args.dtype, device, cfg))
     samples = None
     if args.method == "awq":
         text = read_text(args.calib, default_calibration_text())
         samples = calibration_samples(ckpt.tokenizer, text, args.n_samples, args.seq_len)
-    spec = QuantSpec(args.bits, args.group_size)
     grids = ("plain", "duo") if args.scale_grid == "both" else (args.scale_grid,)
     awq = AWQConfig(scale_grids=grids, clip=not args.no_clip)
     start = time.perf_counter()
-    quantize_model(model, spec, args.method, samples, awq, args.quantize_lm_head)
+    stats = quantize_model(model, spec, args.method, samples, awq, args.quantize_lm_head)
     settings = {
         "method": args.method,
         "bits": args.bits,
@@ -57,6 +63,11 @@ def run_quantize(args: argparse.Namespace) -> int:
             "seq_len": args.seq_len,
         }
         settings["awq"] = asdict(awq)
+        # the scale search's block output error over the calibration tokens, summed over the layers
+        settings["awq"]["search_loss_vs_rtn"] = {
+            group: round(sum(s[group][1] for s in stats) / sum(s[group][0] for s in stats), 4)
+            for group in stats[0]
+        }
     seconds = time.perf_counter() - start
     settings.update(
         command=shlex.join(["perfxllm", *sys.argv[1:]]), device=device.type, seconds=round(seconds)
@@ -66,9 +77,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.quantize_lm_head and not ckpt.config.tie_word_embeddings:
         lm_head = "quantized"
     print(
-        f"wrote {out}: {args.method} int{args.bits}"
-        + (f" g{args.group_size}" if args.bits == 4 else " per channel")
-        + f" in {seconds:.0f} s on {device.type}; embeddings dense, lm_head {lm_head}",
+        f"wrote {out}: {args.method} int{args.bits} ({_formats_used(model)}) in {seconds:.0f} s on "
+        f"{device.type}; embeddings dense, lm_head {lm_head}",
         file=sys.stderr,
     )
     return 0
+
+
+def _formats_used(model) -> str:
+    """ "int4 g64: qkv, o, gate_up; int4 g128: down": the group size falls back where it does not divide."""
+    from perfxllm.quant.awq import layer_projections
+
+    by_format: dict[str, list[str]] = {}
+    for name, lin in layer_projections(model.layers[0]).items():
+        by_format.setdefault(lin.weight.format_name, []).append(name)
+    return "; ".join(f"{fmt}: {', '.join(names)}" for fmt, names in by_format.items())

@@ -51,18 +51,37 @@ def perplexity(
     return Perplexity(math.exp(total / tokens), total / tokens, tokens, windows, ctx)
 
 
-def _commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
+            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10
         )
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def code_version() -> dict:
+    """The commit of the perfxllm that ran, and the tracked files that differ from it (a result made with
+    uncommitted changes says so)."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "perfxllm_commit": commit and commit.strip(),
+        "uncommitted_changes": None if status is None else [line[3:] for line in status.splitlines()],
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def record(path: str, name: str, entry: dict) -> None:
@@ -76,6 +95,7 @@ def record(path: str, name: str, entry: dict) -> None:
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
     from perfxllm.engine.engine import resolve_device
+    from perfxllm.info import weight_bytes_by_format
     from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
     from perfxllm.quant.calibration import default_eval_text, read_text
 
@@ -105,11 +125,13 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
                 "quantization_config": ckpt.config.hf_config.get("quantization_config"),
                 "text": args.text or "pydoc_data.topics, held-out last 20%",
                 "device": device.type,
-                "dtype": str(dtype).removeprefix("torch."),
+                "device_name": device_name(device),
+                "activation_dtype": str(dtype).removeprefix("torch."),
+                "weight_bytes": weight_bytes_by_format(model),
                 "runtime_s": round(seconds, 1),
                 "command": shlex.join(["perfxllm", *sys.argv[1:]]),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "perfxllm_commit": _commit(),
+                **code_version(),
                 "torch": torch.__version__,
                 "python": platform.python_version(),
             },

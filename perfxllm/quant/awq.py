@@ -163,7 +163,7 @@ def awq_layer(
     attn, mlp = layer.self_attn, layer.mlp
     out, x = _capture_inputs(layer, runner, h, cos_sin)
     v_rows = slice(attn.q_size + attn.kv_size, attn.q_size + 2 * attn.kv_size)
-    up_rows = slice(mlp.intermediate_size, 2 * mlp.intermediate_size)
+    up_rows = slice(mlp.down_proj.in_features, 2 * mlp.down_proj.in_features)
     groups = [
         ScaleGroup(
             "qkv",

@@ -22,9 +22,8 @@ Clip = tuple[torch.Tensor | float, torch.Tensor | float]
 NO_CLIP: Clip = (1.0, 1.0)
 
 
-def quantize_int4(w: torch.Tensor, group_size: int, clip: Clip = NO_CLIP) -> Int4Weight:
-    """Asymmetric min/max per group. The range always holds 0 so that the zero point is an int4 value and
-    every element is within scales/2 of its original; clip shrinks either end."""
+def _int4_codes(w: torch.Tensor, group_size: int, clip: Clip) -> tuple[torch.Tensor, ...]:
+    """float32 int4 values [M, K // G, G], float16 scales and float32 zeros [M, K // G]."""
     m, k = w.shape
     wg = w.float().view(m, k // group_size, group_size)
     lo = wg.amin(-1).clamp(max=0) * clip[0]
@@ -33,15 +32,26 @@ def quantize_int4(w: torch.Tensor, group_size: int, clip: Clip = NO_CLIP) -> Int
     s = scales.float()
     zeros = torch.round(-lo / s).clamp(0, 15)
     q = (torch.round(wg / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, 15)
-    return Int4Weight(pack_int4(q.view(m, k)), scales, zeros.to(torch.uint8), group_size)
+    return q, scales, zeros
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, clip: Clip = NO_CLIP) -> Int4Weight:
+    """Asymmetric min/max per group. The range always holds 0 so that the zero point is an int4 value and
+    every element is within scales/2 of its original; clip shrinks either end."""
+    q, scales, zeros = _int4_codes(w, group_size, clip)
+    return Int4Weight(pack_int4(q.view(w.shape)), scales, zeros.to(torch.uint8), group_size)
+
+
+def _int8_codes(w: torch.Tensor, clip: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    absmax = w.float().abs().amax(-1, keepdim=True) * clip
+    scales = _fp16_scale(absmax / 127)
+    return torch.round(w.float() / scales.float()).clamp(-127, 127), scales
 
 
 def quantize_int8(w: torch.Tensor, clip: torch.Tensor | float = 1.0) -> Int8Weight:
     """Symmetric per output channel; clip ([M, 1] or a number) shrinks the range."""
-    absmax = w.float().abs().amax(-1, keepdim=True) * clip
-    scales = _fp16_scale(absmax / 127)
-    q = torch.round(w.float() / scales.float()).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q, scales.view(-1))
+    q, scales = _int8_codes(w, clip)
+    return Int8Weight(q.to(torch.int8), scales.view(-1))
 
 
 @dataclass(frozen=True)
@@ -60,5 +70,13 @@ class QuantSpec:
         return quantize_int8(w, clip[1])
 
     def fake(self, w: torch.Tensor, clip: Clip = NO_CLIP) -> torch.Tensor:
-        """Quantize then dequantize: the weight as the quantized model will see it."""
-        return self.quantize(w, clip).dequantize(w.dtype)
+        """Quantize then dequantize: the weight as the quantized model will see it, equal to
+        quantize(w, clip).dequantize(w.dtype) without packing and unpacking (AWQ's searches call it
+        hundreds of times per layer)."""
+        if self.bits == 4:
+            q, scales, zeros = _int4_codes(w, self.group_size_for(w.shape[1]), clip)
+            w_hat = (q - zeros.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+        else:
+            q, scales = _int8_codes(w, clip[1])
+            w_hat = q * scales.float()
+        return w_hat.view(w.shape).to(w.dtype)

@@ -84,3 +84,16 @@ def test_row_operations_and_linear_dispatch(spec):
     assert torch.equal(select_rows(q, perm).dequantize(), q.dequantize()[perm])
     x = torch.randn(3, 128)
     torch.testing.assert_close(linear(x, q), x @ q.dequantize().T)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 128), QuantSpec(4, 32), QuantSpec(8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fake_quantization_is_quantize_then_dequantize(spec, dtype):
+    """AWQ's searches score candidates with `fake`, which skips the packing: it must be bit-exact with
+    what the packed weight gives."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 576, generator=g).to(dtype)
+    groups = 576 // spec.group_size_for(576)
+    clip = (torch.rand(48, groups, generator=g) * 0.5 + 0.5, torch.rand(48, groups, generator=g) * 0.5 + 0.5)
+    for c in ((1.0, 1.0), (0.8, 0.9), clip):
+        assert torch.equal(spec.fake(w, c), spec.quantize(w, c).dequantize(dtype))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +133,18 @@ def test_not_an_object(saved, tmp_path):
     (folder / "config.json").write_text(json.dumps(c))
     with pytest.raises(ModelLoadError, match="quantization_config is not an object"):
         open_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("case", ["missing scales", "modules"])
+def test_cli_reports_a_broken_folder_in_one_line(saved, tmp_path, case):
+    tensors, config, message = BROKEN[case]
+    folder = broken_copy(saved, tmp_path, tensors, config)
+    r = subprocess.run(
+        [sys.executable, "-m", "perfxllm", "eval", "ppl", str(folder), "--ctx", "16"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    (line,) = [line for line in r.stderr.splitlines() if line.startswith("perfxllm: error:")]
+    assert message in line
