@@ -53,7 +53,7 @@ def _random_int4(m: int, k: int, g: int, device: str) -> object:
     wq = torch.randint(0, 16, (m, k), dtype=torch.uint8, device=device)
     scales = (torch.rand(m, k // g, device=device) * 0.02 + 0.001).half()
     zeros = torch.randint(0, 16, (m, k // g), dtype=torch.uint8, device=device)
-    return Int4Weight(pack_int4(wq), scales, zeros, g)
+    return Int4Weight(pack_int4(wq), scales, pack_int4(zeros), g)
 
 
 class Runner:

@@ -65,7 +65,8 @@ def prepack(w: Int4Weight) -> W4Packed:
     q = w.unpack().view(m, k // CHUNK, 2, CHUNK // 2)
     qweight = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(m, k // 2).contiguous()
     s = w.scales.float()
-    b = w.zeros.float() if w.zeros.is_floating_point() else -w.zeros.float() * s
+    z = w.unpacked_zeros().float()
+    b = z if w.zeros.is_floating_point() else -z * s
     return W4Packed(qweight, s.t().contiguous().half(), b.t().contiguous().half(), g)
 
 

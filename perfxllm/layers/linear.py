@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perfxllm.kernels import KERNEL_DTYPES
-from perfxllm.quant.formats import Int4Weight, Int8Weight, map_tensors, tensor_fields
+from perfxllm.quant.formats import Int4Weight, Int8Weight, map_tensors, pack_int4, tensor_fields
 
 Weight = torch.Tensor | Int4Weight | Int8Weight
 
@@ -101,9 +101,9 @@ def select_columns(weight: Weight, start: int, end: int) -> Weight:
     if isinstance(weight, Int4Weight):
         groups = slice(start // g, end // g)
         qweight = weight.qweight[:, start // 2 : end // 2]
-        return replace(
-            weight, qweight=qweight, scales=weight.scales[:, groups], zeros=weight.zeros[:, groups]
-        )
+        zeros = weight.unpacked_zeros()[:, groups]  # packed zeros: a cut may start inside a byte
+        zeros = zeros if zeros.is_floating_point() else pack_int4(zeros)
+        return replace(weight, qweight=qweight, scales=weight.scales[:, groups], zeros=zeros)
     scales = weight.scales if g is None else weight.scales[:, start // g : end // g]
     return replace(weight, qweight=weight.qweight[:, start:end], scales=scales)
 

@@ -45,6 +45,6 @@ def from_autoawq(name: str, parts: dict[str, torch.Tensor], group_size: int) -> 
     return Int4Weight(
         pack_int4(unpack_awq(qweight).T),
         scales.T.contiguous(),
-        unpack_awq(qzeros).T.contiguous(),
+        pack_int4(unpack_awq(qzeros).T),
         group_size,
     )

@@ -7,11 +7,16 @@ Int4 (asymmetric, per group of G consecutive input channels, G in {32, 64, 128};
     qweight  uint8   [M, K // 2]   byte j of row m holds W_q[m, 2j] in its low nibble and W_q[m, 2j+1]
                                   in its high nibble; W_q in 0..15
     scales   float16 [M, K // G]
-    zeros    uint8   [M, K // G]   the zero point of each group, 0..15 (int4 values, one per byte)
-    W[m, k] = (W_q[m, k] - zeros[m, k // G]) * scales[m, k // G]
-    or, for GGUF Q4_1 whose groups have a float minimum instead of an integer zero point:
+    zeros    uint8   [M, ceil(K // G / 2)]
+                                  the zero point Z of each group, 0..15, two per byte in qweight's order:
+                                  byte j of row m holds Z[m, 2j] in its low nibble and Z[m, 2j+1] in its
+                                  high nibble; when K // G is odd (SmolLM2: K = 576, G = 64, 9 groups) the
+                                  last byte's high nibble is 0
+    W[m, k] = (W_q[m, k] - Z[m, k // G]) * scales[m, k // G]
+    or, for GGUF Q4_1 whose groups have a float minimum instead of an integer zero point (not packed):
     zeros    float16 [M, K // G]   the group's minimum m
     W[m, k] = W_q[m, k] * scales[m, k // G] + zeros[m, k // G]
+    Int4Weight.unpacked_zeros() gives Z (or the minima) as [M, K // G] in either case.
     K must be a multiple of G (and so of 2). Groups never straddle rows. A quantizer asked for G = 128 on a
     layer whose K is not a multiple of 128 (SmolLM2's hidden size 576) uses the largest of 64, 32 that
     divides K for that layer; every weight states its own G.
@@ -63,14 +68,18 @@ class Int4Weight:
 
     def unpack(self) -> torch.Tensor:
         """The int4 values W_q as uint8 [M, K]."""
-        lo = self.qweight & 0x0F
-        hi = self.qweight >> 4
-        return torch.stack([lo, hi], dim=-1).reshape(self.qweight.shape[0], -1)
+        return unpack_int4(self.qweight, self.shape[1])
+
+    def unpacked_zeros(self) -> torch.Tensor:
+        """The zero point of each group as uint8 [M, K // G], or the float16 minima of the "min" variant."""
+        if self.zeros.is_floating_point():
+            return self.zeros
+        return unpack_int4(self.zeros, self.scales.shape[1])
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         m, k = self.shape
         q = self.unpack().to(torch.float32).view(m, k // self.group_size, self.group_size)
-        z = self.zeros.to(torch.float32).unsqueeze(-1)
+        z = self.unpacked_zeros().to(torch.float32).unsqueeze(-1)
         s = self.scales.to(torch.float32).unsqueeze(-1)
         w = q * s + z if self.zeros.is_floating_point() else (q - z) * s
         return w.reshape(m, k).to(dtype)
@@ -123,9 +132,18 @@ def map_tensors(w: PackedWeight, fn) -> PackedWeight:
 
 
 def pack_int4(wq: torch.Tensor) -> torch.Tensor:
-    """uint8 [M, K] of values 0..15 -> uint8 [M, K // 2] in the pack order above."""
+    """[M, K] of values 0..15 -> uint8 [M, ceil(K / 2)] in the pack order above; an odd K leaves the last
+    byte's high nibble 0."""
     wq = wq.to(torch.uint8)
+    if wq.shape[1] % 2:
+        wq = torch.nn.functional.pad(wq, (0, 1))
     return wq[:, 0::2] | (wq[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of pack_int4: uint8 [M, ceil(K / 2)] -> the K values of each row, uint8 [M, K]."""
+    values = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return values[:, :k]
 
 
 def int4_group_size(k: int, wanted: int) -> int:

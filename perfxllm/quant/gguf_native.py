@@ -45,7 +45,7 @@ def import_gguf_matrix(t: ReaderTensor) -> Int4Weight | Int8Weight:
     if t.tensor_type == GGMLQuantizationType.Q8_0:
         return Int8Weight(blocks[..., 2:].contiguous().view(torch.int8).reshape(m, k), d, BLOCK)
     if t.tensor_type == GGMLQuantizationType.Q4_0:
-        zeros = torch.full_like(d, 8, dtype=torch.uint8)
+        zeros = pack_int4(torch.full_like(d, 8, dtype=torch.uint8))
         return Int4Weight(pack_int4(_nibbles(blocks[..., 2:])), d, zeros, BLOCK)
     return Int4Weight(pack_int4(_nibbles(blocks[..., 4:])), d, _fp16(blocks[..., 2:4]), BLOCK)
 

@@ -41,16 +41,20 @@ def _from_perfxllm(name: str, parts: dict[str, torch.Tensor]) -> Weight:
             f"{name}.scales is {_describe(scales)}, expected float16 [{m}, {k} / G] with G in {INT4_GROUP_SIZES}"
         )
     zeros = parts["zeros"]
-    if zeros.shape != scales.shape or zeros.dtype not in (torch.uint8, torch.float16):
-        raise ModelLoadError(f"{name}.zeros is {_describe(zeros)}, expected uint8 {list(scales.shape)}")
+    packed = [m, (n_groups + 1) // 2]
+    if list(zeros.shape) != {torch.uint8: packed, torch.float16: [m, n_groups]}.get(zeros.dtype):
+        raise ModelLoadError(
+            f"{name}.zeros is {_describe(zeros)}, expected uint8 {packed} (int4 zero points, two per byte)"
+            f" or float16 [{m}, {n_groups}] (minima)"
+        )
     return Int4Weight(q, scales, zeros, group)
 
 
-def _require(qc: dict[str, Any], key: str, allowed: tuple) -> Any:
+def _require(qc: dict[str, Any], key: str, allowed: tuple, hint: str = "") -> Any:
     value = qc.get(key)
     if value not in allowed:
         raise ModelLoadError(
-            f"quantization_config.{key} is {value!r}; perfxllm supports {', '.join(map(repr, allowed))}"
+            f"quantization_config.{key} is {value!r}; perfxllm supports {', '.join(map(repr, allowed))}{hint}"
         )
     return value
 
@@ -74,7 +78,8 @@ class QuantizedFolder:
         self.fields: tuple[str, ...]
         self.build: Callable[[str, dict[str, torch.Tensor]], Weight]
         if method == "perfxllm":
-            _require(qc, "format_version", (FORMAT_VERSION,))
+            hint = ": the packed layout changed, re-run `perfxllm quantize` on the original model"
+            _require(qc, "format_version", (FORMAT_VERSION,), hint)
             _require(qc, "bits", (4, 8))
             self.modules = qc.get("modules")
             if not isinstance(self.modules, dict) or not self.modules:

@@ -39,7 +39,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, clip: Clip = NO_CLIP) -> Int
     """Asymmetric min/max per group. The range always holds 0 so that the zero point is an int4 value and
     every element is within scales/2 of its original; clip shrinks either end."""
     q, scales, zeros = _int4_codes(w, group_size, clip)
-    return Int4Weight(pack_int4(q.view(w.shape)), scales, zeros.to(torch.uint8), group_size)
+    return Int4Weight(pack_int4(q.view(w.shape)), scales, pack_int4(zeros), group_size)
 
 
 def _int8_codes(w: torch.Tensor, clip: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

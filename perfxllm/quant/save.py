@@ -19,7 +19,7 @@ from perfxllm.layers.linear import Linear, Weight, split_weight
 from perfxllm.model.loader import Checkpoint
 from perfxllm.quant.formats import tensor_fields
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 zero points packed two per byte
 DENSE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

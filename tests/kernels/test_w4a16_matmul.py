@@ -18,7 +18,7 @@ def random_int4(m: int, k: int, g: int, float_min: bool = False, seed: int = 0) 
     if float_min:
         zeros = (torch.randn(m, k // g, generator=gen) * 0.1).half()
     else:
-        zeros = torch.randint(0, 16, (m, k // g), generator=gen, dtype=torch.uint8)
+        zeros = pack_int4(torch.randint(0, 16, (m, k // g), generator=gen, dtype=torch.uint8))
     return Int4Weight(pack_int4(wq), scales, zeros, g)
 
 

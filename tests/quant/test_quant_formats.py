@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perfxllm.layers.linear import concat_weights, linear, select_rows, split_weight
+from perfxllm.layers.linear import concat_weights, linear, select_columns, select_rows, split_weight
 from perfxllm.quant.formats import Int4Weight, Int8Weight, int4_group_size, pack_int4
 from perfxllm.quant.rtn import QuantSpec, quantize_int4, quantize_int8
 
@@ -15,9 +15,28 @@ def test_pack_unpack_round_trip():
     packed = pack_int4(q)
     assert packed.shape == (5, 32) and packed.dtype == torch.uint8
     assert packed[0, 0] == q[0, 0] | (q[0, 1] << 4)  # element 2j low nibble, 2j+1 high nibble
-    w = Int4Weight(packed, torch.ones(5, 2, dtype=torch.float16), torch.zeros(5, 2, dtype=torch.uint8), 32)
+    w = Int4Weight(packed, torch.ones(5, 2, dtype=torch.float16), torch.zeros(5, 1, dtype=torch.uint8), 32)
     assert torch.equal(w.unpack(), q)
     assert w.shape == (5, 64)
+
+
+def test_zero_points_packed_two_per_byte_with_an_odd_group_count():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (6, 576), generator=g, dtype=torch.uint8)
+    z = torch.randint(0, 16, (6, 9), generator=g, dtype=torch.uint8)  # SmolLM2: K = 576, G = 64, 9 groups
+    scales = torch.rand(6, 9, generator=g).half()
+    zeros = pack_int4(z)
+    assert zeros.shape == (6, 5) and zeros.dtype == torch.uint8
+    assert torch.equal(zeros[:, 0], z[:, 0] | (z[:, 1] << 4))  # group 2j low nibble, 2j+1 high nibble
+    assert torch.equal(zeros[:, 4], z[:, 8])  # the last byte's high nibble is 0
+    w = Int4Weight(pack_int4(q), scales, zeros, 64)
+    assert torch.equal(w.unpacked_zeros(), z)
+    expected = (q.float() - z.float().repeat_interleave(64, 1)) * scales.float().repeat_interleave(64, 1)
+    assert torch.equal(w.dequantize(), expected)
+    for start, end in ((64, 576), (128, 448), (0, 64)):  # cuts at an odd group, odd group counts
+        cut = select_columns(w, start, end)
+        assert cut.zeros.shape == (6, ((end - start) // 64 + 1) // 2)
+        assert torch.equal(cut.dequantize(), expected[:, start:end])
 
 
 def weights() -> list[torch.Tensor]:
@@ -39,7 +58,8 @@ def test_int4_error_within_half_a_step(group_size):
             and q.zeros.dtype == torch.uint8
             and q.scales.dtype == torch.float16
         )
-        assert q.zeros.max() <= 15
+        assert q.zeros.shape == (16, 256 // group_size // 2)
+        assert q.unpacked_zeros().max() <= 15
         step = q.scales.float().repeat_interleave(group_size, dim=1)
         assert ((q.dequantize() - w.float()).abs() <= step / 2).all()
 
