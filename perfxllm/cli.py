@@ -252,16 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ctx", type=int, default=512, help="tokens per window (default: 512)")
     p.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default: all)")
-    gguf = p.add_mutually_exclusive_group()
-    gguf.add_argument(
-        "--packed",
-        dest="dequantize",
-        action="store_const",
-        const=False,
-        help="GGUF: import Q4_0/Q4_1/Q8_0 weights packed, also on the CPU (default: packed except on the CPU)",
-    )
-    gguf.add_argument(
-        "--dequantize", dest="dequantize", action="store_const", const=True, help="GGUF: dense weights"
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="GGUF: dense weights (default: Q4_0/Q4_1/Q8_0 packed, as the engine runs them)",
     )
     p.add_argument("--record", default=None, metavar="JSON", help="add the result to this JSON results file")
     p.add_argument("--name", default=None, help="the result's key in --record (default: the model's name)")

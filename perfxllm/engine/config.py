@@ -23,7 +23,7 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # None: 90% of free GPU memory, or enough for the CPU's batch
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
-    enforce_eager: bool = False  # True: no CUDA graphs for decode (they need the GPU and half precision)
+    enforce_eager: bool = False  # True: decode through the module tree, not the CUDA graphs / CPU C loop
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from perfxllm.engine import cpu_graph
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
@@ -77,12 +78,15 @@ def load_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
 def make_runner(
     model: nn.Module, config: EngineConfig, num_blocks: int, max_model_len: int, tp: TPGroup | None = None
 ) -> ModelRunner:
-    """The KV cache, the decode CUDA graphs (GPU, half precision) and the runner over them."""
+    """The KV cache, the decode graphs (CUDA graphs on the GPU in half precision, the C decode loop for a
+    quantized model on the CPU) and the runner over them."""
     weight = model.layers[0].input_layernorm.weight
     KVCache(model, num_blocks, config.block_size, weight.dtype, weight.device)
     graphs = None
     if not config.enforce_eager and runs_on_kernels(weight):
         graphs = CUDAGraphRunner(model, config.max_num_seqs, max_model_len, config.block_size)
+    elif not config.enforce_eager and weight.device.type == "cpu" and cpu_graph.supports(model):
+        graphs = cpu_graph.CPUGraphRunner(model, config.max_num_seqs)
     return ModelRunner(model, config.block_size, weight.device, graphs, tp)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import Sequence
@@ -37,7 +38,7 @@ class ModelRunner:
         model: nn.Module,
         block_size: int,
         device: torch.device,
-        graphs: CUDAGraphRunner | None = None,
+        graphs: CUDAGraphRunner | CPUGraphRunner | None = None,
         tp: TPGroup | None = None,
     ) -> None:
         self.model, self.block_size, self.device, self.graphs = model, block_size, device, graphs

@@ -14,5 +14,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         from perfxllm.kernels.silu_mul import silu_mul
 
         return silu_mul(gate_up)
+    from perfxllm.kernels import decode_ops_cpu
+
+    if decode_ops_cpu.available(gate_up):
+        return decode_ops_cpu.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -41,6 +41,15 @@ def attention(
 ) -> torch.Tensor:
     """Unrotated q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]: rotates q and k, writes k/v into the
     cache, attends."""
+    from perfxllm.kernels import decode_ops_cpu
+
+    if decode_ops_cpu.available(q) and k_cache.dtype == q.dtype and decode_ops_cpu.qkv_rows(q, k, v):
+        decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, meta.slot_mapping, k_cache, v_cache)
+        if max(meta.query_lens) == 1:
+            return decode_ops_cpu.decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+            )
+        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
     if not runs_on_kernels(q):
         q, k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)

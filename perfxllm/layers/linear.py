@@ -27,10 +27,17 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) ->
 
 
 def for_device(weight: Weight, device: torch.device, dtype: torch.dtype) -> Weight:
-    """The layout the device's fast kernel reads, made once at load time; weights that no kernel takes keep
-    the reference format (whose `matmul` dequantizes). dtype: the activations' dtype."""
+    """The layout the device's fast kernel reads, made once at load time: the Triton kernels' on the GPU in
+    half precision, the C kernels' on the CPU (dense if they cannot be built); elsewhere the weight keeps the
+    reference format, whose `matmul` dequantizes. dtype: the activations' dtype."""
     if isinstance(weight, torch.Tensor):
         return weight
+    if device.type == "cpu":
+        from perfxllm.kernels import quant_matmul_cpu
+
+        if quant_matmul_cpu.supports(weight):
+            return quant_matmul_cpu.prepack(weight)
+        return weight.dequantize(dtype)  # faster than dequantizing at every call
     if device.type == "cuda" and dtype in KERNEL_DTYPES:
         if isinstance(weight, Int4Weight):
             from perfxllm.kernels.w4a16_matmul import prepack

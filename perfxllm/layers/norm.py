@@ -22,6 +22,10 @@ class RMSNorm(nn.Module):
             from perfxllm.kernels.add_rmsnorm import add_rmsnorm
 
             return add_rmsnorm(x, residual, self.weight, self.eps)
+        from perfxllm.kernels import decode_ops_cpu
+
+        if decode_ops_cpu.available(x):
+            return decode_ops_cpu.add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x

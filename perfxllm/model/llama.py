@@ -14,7 +14,7 @@ from torch import nn
 
 from perfxllm.layers.activation import silu_and_mul
 from perfxllm.layers.attention import AttentionMetadata, attention
-from perfxllm.layers.linear import Linear, linear
+from perfxllm.layers.linear import Linear
 from perfxllm.layers.norm import RMSNorm
 from perfxllm.layers.rotary import rope_cos_sin_cache
 from perfxllm.model.config import ModelConfig
@@ -129,6 +129,5 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [B, hidden] -> float32 logits [B, vocab]."""
-        weight = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = linear(hidden, weight).float()
+        logits = self.lm_head(hidden).float()
         return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)

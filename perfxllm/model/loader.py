@@ -46,13 +46,13 @@ class Checkpoint:
 def open_checkpoint(
     path: str | None,
     random_weights: str | None = None,
-    dequantize: bool | None = None,
+    dequantize: bool = False,
     device: torch.device | str = "cpu",
 ) -> Checkpoint:
     """path: a Hugging Face folder or a GGUF file (None: the default model). random_weights: a preset name or
     a config.json, for a seeded random model of that shape instead. A GGUF file's Q4_0 / Q4_1 / Q8_0
-    projections: dequantize=False imports them as packed weights, True dequantizes them, None (the default)
-    packs them except on the CPU (see build_model). device: where random weights are drawn."""
+    projections (and a tied embedding's copy for the lm_head) are imported packed unless dequantize.
+    device: where random weights are drawn."""
     if random_weights:
         from perfxllm.model.random_weights import RandomCheckpoint
 
@@ -85,7 +85,7 @@ def open_checkpoint(
         if not dequantize:
             from perfxllm.quant.gguf_native import NativeGGUF
 
-            source = NativeGGUF(source, dense_on_cpu=dequantize is None)
+            source = NativeGGUF(source)
         return Checkpoint(
             str(p),
             ModelConfig.from_hf(source.config),
@@ -212,14 +212,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelC
     return table[dtype]
 
 
-def _tensors(source: Any, device: torch.device) -> Iterable[tuple[str, Weight]]:
-    # Packed weights run through the reference dequantize-then-matmul path until a CPU kernel lands, about
-    # ten times slower to decode than dense weights there: by default GGUF files stay dense on the CPU.
-    if device.type == "cpu" and getattr(source, "dense_on_cpu", False):
-        return source.source.iter_tensors()
-    return source.iter_tensors()
-
-
 def build_model(
     ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp: TPGroup | None = None
 ) -> nn.Module:
@@ -229,7 +221,7 @@ def build_model(
         model = cls(ckpt.config)
     model.to(dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.float()
-    load_weights(model, _tensors(ckpt.source, device), device, dtype)
+    load_weights(model, ckpt.source.iter_tensors(), device, dtype)
     if tp is not None:
         from perfxllm.engine.tensor_parallel import shard_model
 

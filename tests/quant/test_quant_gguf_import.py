@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import pre_tokenizers
 
 from perfxllm.engine.model_runner import prompt_logits
+from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight, CPUInt8Weight
 from perfxllm.model.loader import build_model, open_checkpoint
 from perfxllm.quant.formats import Int4Weight, Int8Weight
 from perfxllm.quant.gguf_native import import_gguf_matrix
@@ -135,11 +136,13 @@ def model_file(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 
 def test_native_import_of_a_model(model_file):
+    """Packed where the file is, bit for bit (through the CPU kernels' layouts, which keep the values), and
+    the same logits as the dequantized model."""
     path, expected = model_file
     cpu = torch.device("cpu")
-    native = build_model(open_checkpoint(str(path), dequantize=False), cpu, torch.float32)
+    native = build_model(open_checkpoint(str(path)), cpu, torch.float32)
     dense = build_model(open_checkpoint(str(path), dequantize=True), cpu, torch.float32)
-    assert isinstance(native.lm_head.weight, Int4Weight)
+    assert isinstance(native.lm_head.weight, CPUInt4Weight)
     for i, layer in enumerate(native.layers):
         for name, parts in FUSED.items():
             weight = layer.get_submodule(name).weight
@@ -147,7 +150,7 @@ def test_native_import_of_a_model(model_file):
             if len(types) > 1:
                 assert isinstance(weight, torch.Tensor), name
             else:
-                assert isinstance(weight, Int8Weight if types == {Q.Q8_0} else Int4Weight), name
+                assert isinstance(weight, CPUInt8Weight if types == {Q.Q8_0} else CPUInt4Weight), name
                 weight = weight.dequantize()
             want = np.concatenate([expected[f"model.layers.{i}.{part}.weight"] for part in parts])
             assert np.array_equal(weight.numpy(), want), name
@@ -156,6 +159,9 @@ def test_native_import_of_a_model(model_file):
     torch.testing.assert_close(prompt_logits(native, ids), prompt_logits(dense, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_gguf_stays_dense_on_cpu_by_default(model_file):
-    model = build_model(open_checkpoint(str(model_file[0])), torch.device("cpu"), torch.float32)
-    assert isinstance(model.layers[0].self_attn.qkv_proj.weight, torch.Tensor)
+def test_tied_embedding_is_also_a_packed_lm_head():
+    """The default model ties lm_head to a Q8_0 embedding: the logits read the Q8_0 bytes, the lookup a
+    dense copy of the same values."""
+    model = build_model(open_checkpoint(None), torch.device("cpu"), torch.float32)
+    assert isinstance(model.lm_head.weight, CPUInt8Weight) and model.lm_head.weight.group_size == 32
+    assert torch.equal(model.lm_head.weight.dequantize(), model.embed_tokens.weight)

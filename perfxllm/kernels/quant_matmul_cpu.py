@@ -1,0 +1,135 @@
+"""Quantized matmul on the CPU: y = x @ W.T for float activations x [T, K] and an int4 or int8 weight W [M, K]
+in perfxllm.quant.formats' layout, through the C kernels of csrc/quant_matmul.c (see there for how they
+work: x in int16 blocks, integer dot products). `prepack` makes the one conversion they need at load time:
+int4 integer zero points become float32 minima (-z * s), GGUF Q4_1's float16 minima are kept; the packed
+nibbles and the scales are used as stored. Inputs of more than GEMM_MIN_TOKENS rows (prefill) take a float32
+GEMM on the weight dequantized by a C loop instead, which is faster there.
+The reference is the format's own `matmul` (dequantize, then a float32 matmul).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from perfxllm.kernels import cpu_lib
+from perfxllm.quant.formats import Int4Weight, Int8Weight
+
+GEMM_MIN_TOKENS = 16
+X_BLOCKS = (128, 64, 32)  # int8 weights: x is quantized in blocks of the largest of these dividing G
+
+_scratch = torch.empty(0)
+
+
+def _scratch_of(numel: int) -> int:
+    """A float32 work buffer of numel, grown, never shrunk (the engine calls kernels from one thread)."""
+    global _scratch
+    if _scratch.numel() < numel:
+        _scratch = torch.empty(max(numel, 2 * _scratch.numel()))
+    return _scratch.data_ptr()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 [T, K], contiguous: x itself in the common case."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+
+
+def _out(x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return y if x2 is x else y.view(*x.shape[:-1], y.shape[1]).to(x.dtype)
+
+
+@dataclass
+class CPUInt4Weight:
+    qweight: torch.Tensor  # uint8 [M, K // 2], the spec's nibble order
+    scales: torch.Tensor  # float16 [M, K // G]
+    mins: torch.Tensor  # float16 or float32 [M, K // G]: W = q * scale + min
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qweight.shape[0], self.qweight.shape[1] * 2
+
+    @property
+    def format_name(self) -> str:
+        return f"int4 g{self.group_size}"
+
+    def dequantize(self) -> torch.Tensor:
+        m, k = self.shape
+        w = torch.empty(m, k)
+        cpu_lib.load().int4_dequantize(
+            self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
+            self.mins.dtype == torch.float16, m, k, self.group_size, w.data_ptr(),
+        )  # fmt: skip
+        return w
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = self.shape
+        x2 = _rows(x)
+        t, g = x2.shape[0], self.group_size
+        if t > GEMM_MIN_TOKENS:
+            return _out(x, x2, F.linear(x2, self.dequantize()))
+        y = torch.empty(t, m)
+        cpu_lib.load().int4_matmul(
+            x2.data_ptr(), t, k, self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
+            self.mins.dtype == torch.float16, m, g, y.data_ptr(), _scratch_of(t * (k // 2 + 2 * k // g)),
+        )  # fmt: skip
+        return _out(x, x2, y)
+
+
+@dataclass
+class CPUInt8Weight:
+    qweight: torch.Tensor  # int8 [M, K]
+    scales: torch.Tensor  # float16 [M, K // G] (G = K: one scale per output channel)
+    group_size: int | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qweight.shape)
+
+    @property
+    def format_name(self) -> str:
+        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+
+    def dequantize(self) -> torch.Tensor:
+        m, k = self.shape
+        w = torch.empty(m, k)
+        cpu_lib.load().int8_dequantize(
+            self.qweight.data_ptr(), self.scales.data_ptr(), m, k, self.group_size or k, w.data_ptr()
+        )
+        return w
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        m, k = self.shape
+        x2 = _rows(x)
+        t, g = x2.shape[0], self.group_size or k
+        if t > GEMM_MIN_TOKENS:
+            return _out(x, x2, F.linear(x2, self.dequantize()))
+        xg = next(b for b in X_BLOCKS if g % b == 0)
+        y = torch.empty(t, m)
+        cpu_lib.load().int8_matmul(
+            x2.data_ptr(), t, k, self.qweight.data_ptr(), self.scales.data_ptr(), m, g, xg, y.data_ptr(),
+            _scratch_of(t * (k // 2 + k // xg)),
+        )  # fmt: skip
+        return _out(x, x2, y)
+
+
+def supports(w: Int4Weight | Int8Weight) -> bool:
+    """Whether the kernels take this weight (and could be built here)."""
+    g = w.group_size or w.shape[1]
+    return g % 32 == 0 and w.shape[1] % g == 0 and cpu_lib.load() is not None
+
+
+def prepack(w: Int4Weight | Int8Weight) -> CPUInt4Weight | CPUInt8Weight:
+    if isinstance(w, Int8Weight):
+        scales = w.scales.to(torch.float16).reshape(w.shape[0], -1).contiguous()
+        return CPUInt8Weight(w.qweight.contiguous(), scales, w.group_size)
+    scales = w.scales.to(torch.float16).contiguous()
+    if w.zeros.is_floating_point():
+        mins = w.zeros.to(torch.float16).contiguous()
+    else:
+        mins = (-w.unpacked_zeros().float() * scales.float()).contiguous()
+    return CPUInt4Weight(w.qweight.contiguous(), scales, mins, w.group_size)

@@ -1,0 +1,78 @@
+"""The CPU's small decode ops (C kernels) against their torch references in perfxllm.layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from perfxllm.kernels import decode_ops_cpu
+from perfxllm.kernels.add_rmsnorm import add_rmsnorm_ref
+from perfxllm.layers.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
+from perfxllm.layers.rotary import apply_rope, rope_cos_sin_cache
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
+    return not a.isnan().any() and float((a - b).norm() / b.norm()) < tol
+
+
+def test_add_rmsnorm():
+    gen = torch.Generator().manual_seed(0)
+    x, res, w = torch.randn(3, 576, generator=gen), torch.randn(3, 576, generator=gen), torch.randn(576)
+    out, new_res = decode_ops_cpu.add_rmsnorm(x, res, w, 1e-5)
+    ref_out, ref_res = add_rmsnorm_ref(x, res, w, 1e-5)
+    assert close(out, ref_out) and torch.equal(new_res, ref_res)
+    assert close(decode_ops_cpu.add_rmsnorm(x, None, w, 1e-5), add_rmsnorm_ref(x, None, w, 1e-5))
+
+
+def test_silu_mul():
+    gate_up = torch.randn(4, 2 * 1536, generator=torch.Generator().manual_seed(1)) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert close(decode_ops_cpu.silu_mul(gate_up), F.silu(gate) * up)
+
+
+def paged(hq: int, hkv: int, d: int, lens: list[int], block_size: int, gen: torch.Generator):
+    """Sequences of context lens spread over shuffled cache blocks, the caches filled at random."""
+    per_seq = [-(-n // block_size) for n in lens]
+    order = torch.randperm(sum(per_seq) + 3, generator=gen).int()
+    width = max(per_seq)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = order[start : start + n]
+        start += n
+    shape = (len(order), block_size, hkv, d)
+    k_cache, v_cache = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return tables, k_cache, v_cache
+
+
+def test_rope_cache_write():
+    gen = torch.Generator().manual_seed(2)
+    hq, hkv, d, tokens = 9, 3, 64, 5
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    assert decode_ops_cpu.qkv_rows(q, k, v) and not decode_ops_cpu.qkv_rows(q.clone(), k, v)
+    positions = torch.tensor([0, 7, 100, 2047, 3])
+    slots = torch.tensor([4, 9, 0, 31, 17])
+    cos_sin = rope_cos_sin_cache(d, 2048, 10000.0)
+    caches = [torch.zeros(8, 4, hkv, d) for _ in range(4)]
+    want_q, want_k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
+    write_kv_cache(want_k, v, caches[2], caches[3], slots)
+    decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, slots, caches[0], caches[1])
+    assert close(q, want_q) and close(k, want_k)
+    assert close(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+def test_decode_attention():
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, block_size, lens = 9, 3, 64, 16, [1, 17, 200, 64]
+    tables, k_cache, v_cache = paged(hq, hkv, d, lens, block_size, gen)
+    q = torch.randn(len(lens), hq, d, generator=gen)
+    meta = AttentionMetadata(
+        query_lens=[1] * len(lens),
+        context_lens=torch.tensor(lens, dtype=torch.int32),
+        slot_mapping=torch.zeros(len(lens), dtype=torch.int64),
+        block_tables=tables,
+        max_context_len=max(lens),
+    )
+    got = decode_ops_cpu.decode_attention(q, k_cache, v_cache, tables, meta.context_lens, 0.125)
+    assert close(got, paged_attention_ref(q, k_cache, v_cache, meta, 0.125))
