@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable
 
@@ -131,6 +132,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from perfxllm.bench.kernels import main as bench_kernels
 
         return bench_kernels(args.kernel_args)
+    if args.bench == "e2e":
+        args.command_line = "perfxllm " + shlex.join(sys.argv[1:])
+        if args.device == "cuda":
+            from perfxllm.bench.e2e_gpu import run_gpu
+
+            run_gpu(args)
+        else:
+            from perfxllm.bench.e2e_cpu import run_cpu
+
+            run_cpu(args)
+        return 0
     from perfxllm.bench.serve import run_bench_serve
 
     return run_bench_serve(args)
@@ -287,6 +299,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench = parsers["bench"].add_subparsers(dest="bench", required=True)
     p = bench.add_parser("kernels", help="Triton kernels against cuBLAS and the copy bandwidth (GPU)")
     p.add_argument("kernel_args", nargs=argparse.REMAINDER, help="--out-dir DIR, --only w4 w8 ...")
+    p = bench.add_parser(
+        "e2e",
+        help="prefill and decode token/s through the whole engine (CPU: against llama.cpp on the same GGUF)",
+        description="CPU: pp128/pp512/tg128 of perfxllm and llama.cpp (llama-cpp-python, the bench extra) on "
+        "the same GGUF. GPU: random-weight models of real shapes against the bandwidth roofline.",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out-dir", default="benchmarks/results", help="where e2e-<device>.json and .png go")
+    cpu = p.add_argument_group("--device cpu")
+    cpu.add_argument(
+        "model", nargs="?", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)"
+    )
+    cpu.add_argument(
+        "--threads", type=int, default=None, help="threads for both engines (default: the cores)"
+    )
+    cpu.add_argument("--no-llama-cpp", action="store_true", help="only perfxllm")
+    gpu = p.add_argument_group("--device cuda")
+    gpu.add_argument("--random-weights", default="llama2-7b", help="model shape (default: llama2-7b)")
+    gpu.add_argument("--quant", nargs="+", default=["int4", "fp16"], choices=["int4", "int8", "fp16"])
+    gpu.add_argument("--prompt-len", type=int, default=512)
+    gpu.add_argument("--gen-len", type=int, default=128)
+    gpu.add_argument("--sweep", action="store_true", help="also decode at batch 2..64")
+    gpu.add_argument("--hf", action="store_true", help="also time Hugging Face transformers fp16 generate")
     p = bench.add_parser(
         "serve",
         help="serving throughput and latency",

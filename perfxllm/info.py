@@ -15,7 +15,7 @@ from perfxllm.model.config import ModelConfig
 from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
 from perfxllm.model.random_weights import PRESETS
 from perfxllm.model.registry import model_class
-from perfxllm.quant.formats import Int4Weight, Int8Weight, tensor_fields
+from perfxllm.quant.formats import tensor_fields
 
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
@@ -31,7 +31,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
     for mod in model.modules():
         w = mod.weight if isinstance(mod, Linear) else None
-        if isinstance(w, Int4Weight | Int8Weight):
+        if w is not None and not isinstance(w, torch.Tensor):  # packed, in any layout (spec or a kernel's)
             count(w.format_name, *(getattr(w, f) for f in tensor_fields(w)))
     for p in model.parameters():
         count(str(p.dtype).removeprefix("torch."), p)

@@ -12,7 +12,7 @@ set -ex
 OUT=${OUT:-/tmp/q3}
 R=${R:-benchmarks/results/ppl-smollm2.json}
 perfxllm eval ppl --dequantize --record "$R" --name fp16
-perfxllm eval ppl --packed --record "$R" --name q4_1
+perfxllm eval ppl --record "$R" --name q4_1
 perfxllm quantize -o "$OUT/smollm2-rtn-int4-g128" --method rtn --bits 4 --group-size 128
 perfxllm eval ppl "$OUT/smollm2-rtn-int4-g128" --record "$R" --name rtn_int4_g128
 perfxllm quantize -o "$OUT/smollm2-rtn-int8" --method rtn --bits 8

@@ -284,25 +284,3 @@ def plot(record: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def add_gpu_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--random-weights", default="llama2-7b", help="model shape (default: llama2-7b)")
-    p.add_argument("--quant", nargs="+", default=["int4", "fp16"], choices=["int4", "int8", "fp16"])
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sweep", action="store_true", help="also decode at batch 2..64")
-    p.add_argument("--hf", action="store_true", help="also time Hugging Face transformers fp16 generate")
-    p.add_argument("--out-dir", default="benchmarks/results")
-
-
-if __name__ == "__main__":
-    import shlex
-    import sys
-
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_gpu_args(parser)
-    ns = parser.parse_args()
-    ns.command_line = "python -m perfxllm.bench.e2e_gpu " + shlex.join(sys.argv[1:])
-    run_gpu(ns)
