@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from perfxllm.bench import current_commit
+from perfxllm.errors import PerfxError
 from perfxllm.llm import LLM
 from perfxllm.model.loader import default_model_path
 from perfxllm.quant.calibration import default_eval_text
@@ -137,7 +138,7 @@ def run_cpu(args: argparse.Namespace) -> dict:
         try:
             engines.append(LlamaCpp(model, max_len, args.threads))
         except ImportError:
-            raise SystemExit(
+            raise PerfxError(
                 "llama-cpp-python is not installed: pip install -e '.[bench]' (it builds llama.cpp), "
                 "or pass --no-llama-cpp"
             ) from None
