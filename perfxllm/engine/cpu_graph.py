@@ -19,11 +19,11 @@ from perfxllm.kernels import cpu_lib
 from perfxllm.kernels.quant_matmul_cpu import X_BLOCKS, CPUInt4Weight, CPUInt8Weight
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-INT4_HALF_MINS, INT4_FLOAT_MINS, INT8 = 0, 1, 2
+INT4_ZEROS, INT4_MINS, INT8 = 0, 1, 2
 
 
 class QLinear(ctypes.Structure):
-    _fields_ = [("qweight", _p), ("scales", _p), ("mins", _p), ("bias", _p)] + [
+    _fields_ = [("qweight", _p), ("scales", _p), ("zeros", _p), ("bias", _p)] + [
         (f, _i64) for f in ("kind", "n", "k", "g", "xg")
     ]
 
@@ -59,9 +59,9 @@ def _qlinear(module: nn.Module) -> QLinear:
         g = w.group_size or k
         xg = next(b for b in X_BLOCKS if g % b == 0)
         return QLinear(_ptr(w.qweight), _ptr(w.scales), None, _ptr(module.bias), INT8, n, k, g, xg)
-    kind = INT4_HALF_MINS if w.mins.dtype == torch.float16 else INT4_FLOAT_MINS
+    kind = INT4_MINS if w.zeros.is_floating_point() else INT4_ZEROS
     return QLinear(
-        _ptr(w.qweight), _ptr(w.scales), _ptr(w.mins), _ptr(module.bias), kind, n, k, w.group_size, 0
+        _ptr(w.qweight), _ptr(w.scales), _ptr(w.zeros), _ptr(module.bias), kind, n, k, w.group_size, 0
     )
 
 

@@ -1,8 +1,8 @@
 """Quantized matmul on the CPU: y = x @ W.T for float activations x [T, K] and an int4 or int8 weight W [M, K]
 in perfxllm.quant.formats' layout, through the C kernels of csrc/quant_matmul.c (see there for how they
 work: x in int16 blocks, integer dot products). `prepack` makes the one conversion they need at load time:
-int4 integer zero points become float32 minima (-z * s), GGUF Q4_1's float16 minima are kept; the packed
-nibbles and the scales are used as stored. Inputs of more than GEMM_MIN_TOKENS rows (prefill) take a float32
+int4 integer zero points are unpacked to a byte each; the packed nibbles, the scales and GGUF Q4_1's float16
+minima are used as stored. Inputs of more than GEMM_MIN_TOKENS rows (prefill) take a float32
 GEMM on the weight dequantized by a C loop instead, which is faster there.
 The reference is the format's own `matmul` (dequantize, then a float32 matmul).
 """
@@ -46,7 +46,7 @@ def _out(x: torch.Tensor, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class CPUInt4Weight:
     qweight: torch.Tensor  # uint8 [M, K // 2], the spec's nibble order
     scales: torch.Tensor  # float16 [M, K // G]
-    mins: torch.Tensor  # float16 or float32 [M, K // G]: W = q * scale + min
+    zeros: torch.Tensor  # uint8 [M, K // G] zero points: W = (q - z) * s; or float16 minima: W = q * s + z
     group_size: int
 
     @property
@@ -61,8 +61,8 @@ class CPUInt4Weight:
         m, k = self.shape
         w = torch.empty(m, k)
         cpu_lib.load().int4_dequantize(
-            self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
-            self.mins.dtype == torch.float16, m, k, self.group_size, w.data_ptr(),
+            self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+            self.zeros.is_floating_point(), m, k, self.group_size, w.data_ptr(),
         )  # fmt: skip
         return w
 
@@ -74,8 +74,8 @@ class CPUInt4Weight:
             return _out(x, x2, F.linear(x2, self.dequantize()))
         y = torch.empty(t, m)
         cpu_lib.load().int4_matmul(
-            x2.data_ptr(), t, k, self.qweight.data_ptr(), self.scales.data_ptr(), self.mins.data_ptr(),
-            self.mins.dtype == torch.float16, m, g, y.data_ptr(), _scratch_of(t * (k // 2 + 2 * k // g)),
+            x2.data_ptr(), t, k, self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+            self.zeros.is_floating_point(), m, g, y.data_ptr(), _scratch_of(t * (k // 2 + 2 * k // g)),
         )  # fmt: skip
         return _out(x, x2, y)
 
@@ -127,9 +127,8 @@ def prepack(w: Int4Weight | Int8Weight) -> CPUInt4Weight | CPUInt8Weight:
     if isinstance(w, Int8Weight):
         scales = w.scales.to(torch.float16).reshape(w.shape[0], -1).contiguous()
         return CPUInt8Weight(w.qweight.contiguous(), scales, w.group_size)
-    scales = w.scales.to(torch.float16).contiguous()
-    if w.zeros.is_floating_point():
-        mins = w.zeros.to(torch.float16).contiguous()
-    else:
-        mins = (-w.unpacked_zeros().float() * scales.float()).contiguous()
-    return CPUInt4Weight(w.qweight.contiguous(), scales, mins, w.group_size)
+    zeros = w.unpacked_zeros()
+    zeros = zeros.to(torch.float16) if zeros.is_floating_point() else zeros
+    return CPUInt4Weight(
+        w.qweight.contiguous(), w.scales.to(torch.float16).contiguous(), zeros.contiguous(), w.group_size
+    )

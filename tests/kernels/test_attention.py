@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from perfxllm.kernels._common import interpreting
 from perfxllm.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
 from perfxllm.kernels.rope_attention_prefill import rope_attention_prefill, rope_attention_prefill_ref
 from perfxllm.kernels.rope_cache_write import rope_cache_write, rope_cache_write_ref
@@ -71,11 +72,14 @@ def test_prefill(hq, hkv, d, cached, new, device, rel_err):
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 64), (2, 2, 32)])
-@pytest.mark.parametrize("partition_size", [16, None])
-def test_decode(hq, hkv, d, partition_size, device, rel_err):
+@pytest.mark.parametrize("split", ["smallest", "auto"])
+def test_decode(hq, hkv, d, split, device, rel_err):
+    """ "smallest": partitions of one key block (16 keys interpreted, 64 on the GPU), so that the longer
+    contexts span several and their partial results are merged."""
+    partition_size = (16 if interpreting() else 64) if split == "smallest" else None
     gen = torch.Generator().manual_seed(hq + d)
-    lens = [1, 17, 70]
-    k_cache, v_cache, tables = make_paged(len(lens), lens, hkv, d, gen)
+    lens = [1, 17, 70, 200]
+    k_cache, v_cache, tables = make_paged(len(lens), lens, hkv, d, gen, num_blocks=256)
     q = torch.randn(len(lens), hq, d, generator=gen).half()
     ctx = torch.tensor(lens, dtype=torch.int32)
     ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)

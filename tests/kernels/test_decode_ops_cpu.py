@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from perfxllm.kernels import decode_ops_cpu
+from perfxllm.kernels import cpu_lib, decode_ops_cpu
 from perfxllm.kernels.add_rmsnorm import add_rmsnorm_ref
 from perfxllm.layers.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
 from perfxllm.layers.rotary import apply_rope, rope_cos_sin_cache
+
+pytestmark = pytest.mark.skipif(cpu_lib.load() is None, reason="no C compiler to build the CPU kernels")
 
 
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:

@@ -11,6 +11,7 @@ from perfxllm.layers.linear import for_device
 from perfxllm.quant.formats import Int4Weight, Int8Weight, pack_int4
 
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(cpu_lib.load() is None, reason="no C compiler to build the CPU kernels")
 
 
 def random_int4(n: int, k: int, g: int, minima: bool, gen: torch.Generator) -> Int4Weight:

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from perfxllm.engine.model_runner import prompt_logits
 from perfxllm.errors import ModelLoadError
+from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight
 from perfxllm.model.loader import build_model, open_checkpoint
-from perfxllm.quant.formats import Int4Weight
 
 G = 32
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # int32 nibble i holds output channel 8c + ORDER[i]
@@ -68,7 +68,7 @@ def test_autoawq_gemm_loads_and_matches(tiny_llama, tmp_path):
     for layer, ref_layer in zip(ours.layers, ref.layers):
         for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
             w = layer.get_submodule(name).weight
-            assert isinstance(w, Int4Weight) and w.group_size == G
+            assert isinstance(w, CPUInt4Weight) and w.group_size == G  # the CPU kernels' layout
             assert torch.equal(w.dequantize(), ref_layer.get_submodule(name).weight)
     ids = list(range(5, 30))
     torch.testing.assert_close(prompt_logits(ours, ids), prompt_logits(ref, ids))

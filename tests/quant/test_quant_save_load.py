@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from perfxllm.engine.model_runner import prompt_logits
 from perfxllm.errors import ModelLoadError
+from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight, CPUInt8Weight
 from perfxllm.model.loader import build_model, open_checkpoint
-from perfxllm.quant.formats import Int4Weight, Int8Weight
 from perfxllm.quant.pipeline import quantize_model
 from perfxllm.quant.rtn import QuantSpec
 from perfxllm.quant.save import save_quantized
@@ -36,7 +36,7 @@ def quantized_folder(src: Path, out: Path, method: str, bits: int) -> torch.nn.M
 def test_round_trip_gives_identical_logits(tiny_llama, tmp_path, method, bits):
     model = quantized_folder(tiny_llama, tmp_path / "q", method, bits)
     loaded = build_model(open_checkpoint(str(tmp_path / "q")), CPU, torch.float32)
-    packed = Int4Weight if bits == 4 else Int8Weight
+    packed = CPUInt4Weight if bits == 4 else CPUInt8Weight  # the CPU kernels' layouts of the saved formats
     assert isinstance(loaded.layers[0].self_attn.qkv_proj.weight, packed)
     assert isinstance(loaded.lm_head.weight, torch.Tensor)  # lm_head stays dense by default
     ids = list(range(3, 40))

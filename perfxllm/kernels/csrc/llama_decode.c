@@ -6,7 +6,7 @@
 #include <string.h>
 
 void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, const uint16_t* scales,
-                 const void* mins, int mins_are_half, int64_t n, int64_t g, float* y, float* scratch);
+                 const void* zeros, int zeros_are_min, int64_t n, int64_t g, float* y, float* scratch);
 void int8_matmul(const float* x, int64_t m, int64_t k, const int8_t* qweight, const uint16_t* scales, int64_t n,
                  int64_t g, int64_t xg, float* y, float* scratch);
 void add_rmsnorm_f32(const float* x, const float* residual, const float* w, int64_t rows, int64_t h, float eps,
@@ -18,12 +18,12 @@ void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache
                           const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t batch,
                           int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, float* out);
 
-enum { INT4_HALF_MINS = 0, INT4_FLOAT_MINS = 1, INT8 = 2 };
+enum { INT4_ZEROS = 0, INT4_MINS = 1, INT8 = 2 };
 
 typedef struct {
     const void* qweight;
     const uint16_t* scales;
-    const void* mins;  // int4 only
+    const void* zeros;  // int4 only: uint8 zero points, or float16 minima
     const float* bias;  // NULL or [n]
     int64_t kind, n, k, g, xg;  // xg: int8's x block
 } QLinear;
@@ -50,7 +50,7 @@ static void qlinear(const QLinear* l, const float* x, int64_t m, float* y, float
     if (l->kind == INT8)
         int8_matmul(x, m, l->k, l->qweight, l->scales, l->n, l->g, l->xg, y, scratch);
     else
-        int4_matmul(x, m, l->k, l->qweight, l->scales, l->mins, l->kind == INT4_HALF_MINS, l->n, l->g, y, scratch);
+        int4_matmul(x, m, l->k, l->qweight, l->scales, l->zeros, l->kind == INT4_MINS, l->n, l->g, y, scratch);
     if (l->bias)
         for (int64_t r = 0; r < m; r++)
             for (int64_t j = 0; j < l->n; j++) y[r * l->n + j] += l->bias[j];

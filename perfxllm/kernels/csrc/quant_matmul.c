@@ -153,31 +153,39 @@ static inline __attribute__((always_inline)) void int4_row(const uint8_t* qrow, 
 #endif
 }
 
-// sum_q mins[q] * xsum[q] over the ng groups of one output channel; mins float16 or float32.
-static inline float min_dot(const void* mins, int mins_are_half, const float* xsum, int64_t ng) {
+// sum_q m_q * xsum[q] over the ng groups of one output channel, m_q the group's minimum: zeros[q] itself
+// (float16, GGUF Q4_1) or -z_q * s_q for integer zero points z (uint8).
+static inline float offset_dot(const void* zeros, int zeros_are_min, const uint16_t* srow, const float* xsum,
+                               int64_t ng) {
     float s = 0.0f;
     int64_t q = 0;
 #ifdef __AVX2__
     __m256 acc = _mm256_setzero_ps();
     for (; q + 8 <= ng; q += 8) {
-        __m256 mv = mins_are_half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)mins + q)))
-                                  : _mm256_loadu_ps((const float*)mins + q);
-        acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(xsum + q), acc);
+        const __m256 xs = _mm256_loadu_ps(xsum + q);
+        if (zeros_are_min) {
+            acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)zeros + q))), xs, acc);
+        } else {
+            const __m256 z = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)((const uint8_t*)zeros + q))));
+            const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(srow + q)));
+            acc = _mm256_fnmadd_ps(_mm256_mul_ps(z, scale), xs, acc);
+        }
     }
     s = hsum(acc);
 #endif
     for (; q < ng; q++)
-        s += (mins_are_half ? half_to_float(((const uint16_t*)mins)[q]) : ((const float*)mins)[q]) * xsum[q];
+        s += (zeros_are_min ? half_to_float(((const uint16_t*)zeros)[q])
+                            : -(float)((const uint8_t*)zeros)[q] * half_to_float(srow[q])) * xsum[q];
     return s;
 }
 
-// W[n, k] = q * scales[n, k / G] + mins[n, k / G]: scales float16 [N, K/G]; mins [N, K/G], float16 (GGUF
-// Q4_1's minima) or float32 (-z * s for integer zero points, made once at load). G a multiple of 32.
-// scratch: at least M * (K / 2 + 2 * K / G) floats.
+// W[n, k] = (q - z[n, k / G]) * s[n, k / G] for integer zero points z (uint8 [N, K/G]), or
+// q * s[n, k / G] + z[n, k / G] when zeros_are_min (float16 minima [N, K/G], GGUF Q4_1); scales float16
+// [N, K/G]; G a multiple of 32. scratch: at least M * (K / 2 + 2 * K / G) floats.
 void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, const uint16_t* scales,
-                 const void* mins, int mins_are_half, int64_t n, int64_t g, float* y, float* scratch) {
+                 const void* zeros, int zeros_are_min, int64_t n, int64_t g, float* y, float* scratch) {
     const int64_t ng = k / g;
-    const size_t min_size = mins_are_half ? 2 : 4;
+    const size_t zero_size = zeros_are_min ? 2 : 1;
     float* xscale = scratch;
     float* xsum = xscale + m * ng;
     int16_t* x16 = (int16_t*)(xsum + m * ng);
@@ -199,9 +207,9 @@ void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, c
                     case 3: int4_row(qrow, srow, k, g, xr, sr, 3, out); break;
                     default: int4_row(qrow, srow, k, g, xr, sr, 4, out); break;
                 }
-                const void* mrow = (const char*)mins + j * ng * min_size;
+                const void* zrow = (const char*)zeros + j * ng * zero_size;
                 for (int64_t r = 0; r < mt; r++)
-                    y[(r0 + r) * n + j] = out[r] + min_dot(mrow, mins_are_half, xsum + (r0 + r) * ng, ng);
+                    y[(r0 + r) * n + j] = out[r] + offset_dot(zrow, zeros_are_min, srow, xsum + (r0 + r) * ng, ng);
             }
         }
     }
@@ -290,20 +298,26 @@ void int8_matmul(const float* x, int64_t m, int64_t k, const int8_t* qweight, co
     }
 }
 
-// For long inputs (prefill), where a float32 GEMM beats these kernels: W [N, K] dequantized into out, float32.
-void int4_dequantize(const uint8_t* qweight, const uint16_t* scales, const void* mins, int mins_are_half,
+// For long inputs (prefill), where a float32 GEMM beats these kernels: W [N, K] dequantized into out, float32,
+// with the reference's arithmetic ((q - z) * s, or q * s + m), so that the GEMM sees the very same weights.
+void int4_dequantize(const uint8_t* qweight, const uint16_t* scales, const void* zeros, int zeros_are_min,
                      int64_t n, int64_t k, int64_t g, float* out) {
     const int64_t ng = k / g;
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < n; j++)
         for (int64_t q = 0; q < ng; q++) {
             const float s = half_to_float(scales[j * ng + q]);
-            const float mq = mins_are_half ? half_to_float(((const uint16_t*)mins)[j * ng + q])
-                                           : ((const float*)mins)[j * ng + q];
+            const float m = zeros_are_min ? half_to_float(((const uint16_t*)zeros)[j * ng + q]) : 0.0f;
+            const int z = zeros_are_min ? 0 : ((const uint8_t*)zeros)[j * ng + q];
             for (int64_t i = q * g; i < (q + 1) * g; i += 2) {
                 const uint8_t byte = qweight[j * (k / 2) + i / 2];
-                out[j * k + i] = (byte & 0x0F) * s + mq;
-                out[j * k + i + 1] = (byte >> 4) * s + mq;
+                if (zeros_are_min) {
+                    out[j * k + i] = (byte & 0x0F) * s + m;
+                    out[j * k + i + 1] = (byte >> 4) * s + m;
+                } else {
+                    out[j * k + i] = (float)((byte & 0x0F) - z) * s;
+                    out[j * k + i + 1] = (float)((byte >> 4) - z) * s;
+                }
             }
         }
 }
