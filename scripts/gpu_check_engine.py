@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 
 import torch
 
 from perfxllm import LLM, SamplingParams
+from perfxllm.bench import current_commit
 from perfxllm.engine.model_runner import prompt_logits
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
@@ -45,7 +48,13 @@ def main() -> None:
     models = {"random-smollm2-135m": {"random_weights": "smollm2-135m"}}
     if args.gguf:
         models["smollm2-slice"] = {"model": args.gguf}
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "models": {}}
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": current_commit(),
+        "command": "python scripts/gpu_check_engine.py " + shlex.join(sys.argv[1:]),
+        "models": {},
+    }
     for name, kw in models.items():
         cpu = run(kw, "cpu", "float32")
         gpu = run(kw, "cuda", "float32")
