@@ -179,6 +179,14 @@ static inline float offset_dot(const void* zeros, int zeros_are_min, const uint1
     return s;
 }
 
+#define INT4_ROWS(G)                                                      \
+    switch (mt) {                                                         \
+        case 1: int4_row(qrow, srow, k, G, xr, sr, 1, out); break;        \
+        case 2: int4_row(qrow, srow, k, G, xr, sr, 2, out); break;        \
+        case 3: int4_row(qrow, srow, k, G, xr, sr, 3, out); break;        \
+        default: int4_row(qrow, srow, k, G, xr, sr, 4, out); break;       \
+    }
+
 // W[n, k] = (q - z[n, k / G]) * s[n, k / G] for integer zero points z (uint8 [N, K/G]), or
 // q * s[n, k / G] + z[n, k / G] when zeros_are_min (float16 minima [N, K/G], GGUF Q4_1); scales float16
 // [N, K/G]; G a multiple of 32. scratch: at least M * (K / 2 + 2 * K / G) floats.
@@ -201,11 +209,13 @@ void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, c
                 const uint8_t* qrow = qweight + j * (k / 2);
                 const uint16_t* srow = scales + j * ng;
                 float out[MAX_MT];
-                switch (mt) {  // constant row counts let the compiler keep the accumulators in registers
-                    case 1: int4_row(qrow, srow, k, g, xr, sr, 1, out); break;
-                    case 2: int4_row(qrow, srow, k, g, xr, sr, 2, out); break;
-                    case 3: int4_row(qrow, srow, k, g, xr, sr, 3, out); break;
-                    default: int4_row(qrow, srow, k, g, xr, sr, 4, out); break;
+                // constant group sizes and row counts: the compiler unrolls the group's blocks and keeps the
+                // accumulators in registers
+                switch (g) {
+                    case 32: INT4_ROWS(32); break;
+                    case 64: INT4_ROWS(64); break;
+                    case 128: INT4_ROWS(128); break;
+                    default: INT4_ROWS(g); break;
                 }
                 const void* zrow = (const char*)zeros + j * ng * zero_size;
                 for (int64_t r = 0; r < mt; r++)
@@ -267,6 +277,14 @@ static inline __attribute__((always_inline)) void int8_row(const int8_t* qrow, c
 #endif
 }
 
+#define INT8_ROWS(XG)                                                     \
+    switch (mt) {                                                         \
+        case 1: int8_row(qrow, srow, k, g, XG, xr, sr, 1, out); break;    \
+        case 2: int8_row(qrow, srow, k, g, XG, xr, sr, 2, out); break;    \
+        case 3: int8_row(qrow, srow, k, g, XG, xr, sr, 3, out); break;    \
+        default: int8_row(qrow, srow, k, g, XG, xr, sr, 4, out); break;   \
+    }
+
 // W[n, k] = q * scales[n, k / G]: scales float16 [N, K / G] (G = K: one scale per output channel). x blocks of
 // XG, a multiple of 32 dividing G. scratch: at least M * (K / 2 + K / XG) floats.
 void int8_matmul(const float* x, int64_t m, int64_t k, const int8_t* qweight, const uint16_t* scales, int64_t n,
@@ -286,11 +304,10 @@ void int8_matmul(const float* x, int64_t m, int64_t k, const int8_t* qweight, co
                 const int8_t* qrow = qweight + j * k;
                 const uint16_t* srow = scales + j * (k / g);
                 float out[MAX_MT];
-                switch (mt) {
-                    case 1: int8_row(qrow, srow, k, g, xg, xr, sr, 1, out); break;
-                    case 2: int8_row(qrow, srow, k, g, xg, xr, sr, 2, out); break;
-                    case 3: int8_row(qrow, srow, k, g, xg, xr, sr, 3, out); break;
-                    default: int8_row(qrow, srow, k, g, xg, xr, sr, 4, out); break;
+                switch (xg) {
+                    case 32: INT8_ROWS(32); break;
+                    case 64: INT8_ROWS(64); break;
+                    default: INT8_ROWS(xg); break;
                 }
                 for (int64_t r = 0; r < mt; r++) y[(r0 + r) * n + j] = out[r];
             }
