@@ -227,9 +227,9 @@ void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, c
 
 #ifdef __AVX2__
 // total[r] += s * xscale * (q . x16) over x block b of one output channel, for MT rows of x.
-static inline __attribute__((always_inline)) void int8_block(const int8_t* qrow, const uint16_t* srow, int64_t k,
-                                                             int64_t g, int64_t xg, int64_t b, const int16_t* x16,
-                                                             const float* xscale, const int mt, __m256* total) {
+static inline __attribute__((always_inline)) void int8_block(const int8_t* qrow, const float* sx, int64_t k,
+                                                             int64_t xg, int64_t b, const int16_t* x16,
+                                                             const int mt, __m256* total) {
     __m256i acc[MAX_MT];
     for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_si256();
     for (int64_t i = b * xg; i < (b + 1) * xg; i += 32) {
@@ -242,10 +242,9 @@ static inline __attribute__((always_inline)) void int8_block(const int8_t* qrow,
             acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(lo, hi));
         }
     }
-    const float s = half_to_float(srow[b * xg / g]);
     const int64_t nb = k / xg;
     for (int r = 0; r < mt; r++)
-        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(s * xscale[r * nb + b]), total[r]);
+        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_broadcast_ss(sx + r * nb + b), total[r]);
 }
 #endif
 
@@ -255,14 +254,21 @@ static inline __attribute__((always_inline)) void int8_row(const int8_t* qrow, c
                                                            const float* xscale, const int mt, float* out) {
     const int64_t nb = k / xg;
 #ifdef __AVX2__
+    float sx[mt * nb];  // each x block's weight scale times its own
+    if (g == xg) {
+        combine_scales(srow, xscale, nb, mt, sx);
+    } else {
+        for (int r = 0; r < mt; r++)
+            for (int64_t b = 0; b < nb; b++) sx[r * nb + b] = half_to_float(srow[b * xg / g]) * xscale[r * nb + b];
+    }
     __m256 even[MAX_MT], odd[MAX_MT];
     for (int r = 0; r < mt; r++) even[r] = odd[r] = _mm256_setzero_ps();
     int64_t b = 0;
     for (; b + 1 < nb; b += 2) {
-        int8_block(qrow, srow, k, g, xg, b, x16, xscale, mt, even);
-        int8_block(qrow, srow, k, g, xg, b + 1, x16, xscale, mt, odd);
+        int8_block(qrow, sx, k, xg, b, x16, mt, even);
+        int8_block(qrow, sx, k, xg, b + 1, x16, mt, odd);
     }
-    if (b < nb) int8_block(qrow, srow, k, g, xg, b, x16, xscale, mt, even);
+    if (b < nb) int8_block(qrow, sx, k, xg, b, x16, mt, even);
     for (int r = 0; r < mt; r++) out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
 #else
     for (int r = 0; r < mt; r++) {
