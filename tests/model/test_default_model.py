@@ -28,15 +28,20 @@ def llm():
 
 
 def test_logits_match_transformers(reference, llm):
-    ours = build_model(open_checkpoint(None), torch.device("cpu"), torch.float32)
+    """The architecture, exactly: the GGUF dequantized (as transformers loads it) against transformers. The
+    fast path (packed weights, C kernels with int16 activations at up to 40 tokens) within 1e-3 of it."""
+    cpu = torch.device("cpu")
+    dense = build_model(open_checkpoint(None, dequantize=True), cpu, torch.float32)
+    packed = build_model(open_checkpoint(None), cpu, torch.float32)
     for seed in range(2):
         g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, 49152, (40 + 30 * seed,), generator=g)
+        ids = torch.randint(0, 49152, (30 + 40 * seed,), generator=g)
         with torch.no_grad():
             expected = reference(ids.unsqueeze(0)).logits[0]
-        got = prompt_logits(ours, ids.tolist())
-        assert not got.isnan().any()
-        assert float((got - expected).norm() / expected.norm()) < 1e-4
+        for model, tol in ((dense, 1e-4), (packed, 1e-3)):
+            got = prompt_logits(model, ids.tolist())
+            assert not got.isnan().any()
+            assert float((got - expected).norm() / expected.norm()) < tol
 
 
 def test_greedy_continuations_match_transformers(reference, llm):

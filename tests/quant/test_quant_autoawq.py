@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from perfxllm.engine.model_runner import prompt_logits
 from perfxllm.errors import ModelLoadError
-from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight
+from perfxllm.kernels.quant_matmul_cpu import GEMM_MIN_TOKENS, CPUInt4Weight
 from perfxllm.model.loader import build_model, open_checkpoint
 
 G = 32
@@ -70,7 +70,7 @@ def test_autoawq_gemm_loads_and_matches(tiny_llama, tmp_path):
             w = layer.get_submodule(name).weight
             assert isinstance(w, CPUInt4Weight) and w.group_size == G  # the CPU kernels' layout
             assert torch.equal(w.dequantize(), ref_layer.get_submodule(name).weight)
-    ids = list(range(5, 30))
+    ids = list(range(5, 13 + GEMM_MIN_TOKENS))  # long enough for the exact path: dequantize, then a GEMM
     torch.testing.assert_close(prompt_logits(ours, ids), prompt_logits(ref, ids))
 
 

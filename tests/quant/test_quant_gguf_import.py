@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import pre_tokenizers
 
 from perfxllm.engine.model_runner import prompt_logits
-from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight, CPUInt8Weight
+from perfxllm.kernels.quant_matmul_cpu import GEMM_MIN_TOKENS, CPUInt4Weight, CPUInt8Weight
 from perfxllm.model.loader import build_model, open_checkpoint
 from perfxllm.quant.formats import Int4Weight, Int8Weight
 from perfxllm.quant.gguf_native import import_gguf_matrix
@@ -155,7 +155,7 @@ def test_native_import_of_a_model(model_file):
             want = np.concatenate([expected[f"model.layers.{i}.{part}.weight"] for part in parts])
             assert np.array_equal(weight.numpy(), want), name
     assert np.array_equal(native.lm_head.weight.dequantize().numpy(), expected["lm_head.weight"])
-    ids = list(range(20, 60))
+    ids = list(range(20, 28 + GEMM_MIN_TOKENS))  # long enough for the exact path: dequantize, then a GEMM
     torch.testing.assert_close(prompt_logits(native, ids), prompt_logits(dense, ids), rtol=1e-4, atol=1e-4)
 
 

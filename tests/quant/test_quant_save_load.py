@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from perfxllm.engine.model_runner import prompt_logits
 from perfxllm.errors import ModelLoadError
-from perfxllm.kernels.quant_matmul_cpu import CPUInt4Weight, CPUInt8Weight
+from perfxllm.kernels.quant_matmul_cpu import GEMM_MIN_TOKENS, CPUInt4Weight, CPUInt8Weight
 from perfxllm.model.loader import build_model, open_checkpoint
 from perfxllm.quant.pipeline import quantize_model
 from perfxllm.quant.rtn import QuantSpec
@@ -39,7 +39,7 @@ def test_round_trip_gives_identical_logits(tiny_llama, tmp_path, method, bits):
     packed = CPUInt4Weight if bits == 4 else CPUInt8Weight  # the CPU kernels' layouts of the saved formats
     assert isinstance(loaded.layers[0].self_attn.qkv_proj.weight, packed)
     assert isinstance(loaded.lm_head.weight, torch.Tensor)  # lm_head stays dense by default
-    ids = list(range(3, 40))
+    ids = list(range(3, 11 + GEMM_MIN_TOKENS))  # long enough for the exact path: dequantize, then a GEMM
     assert torch.equal(prompt_logits(model, ids), prompt_logits(loaded, ids))
     qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert qc["method"] == method and qc["bits"] == bits and qc["format_version"] == 2
