@@ -3,7 +3,6 @@
 // than their arithmetic at one token. Same math as the references, float32 throughout.
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 // res_out = x + residual (residual may be NULL: res_out unused), out = res_out * rsqrt(mean(res_out^2) + eps) * w.
 void add_rmsnorm_f32(const float* x, const float* residual, const float* w, int64_t rows, int64_t h, float eps,
@@ -57,8 +56,8 @@ void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, i
 }
 
 // One query token per sequence: out[b, h] = softmax(q[b, h] . K * scale) V over the sequence's context_lens[b]
-// cached positions, found through its block table. q [B, Hq, D] with row stride q_stride; caches
-// [blocks, block_size, Hkv, D]; out [B, Hq, D].
+// cached positions, found through its block table, in one pass with a running maximum (no buffer of scores).
+// q [B, Hq, D] with row stride q_stride; caches [blocks, block_size, Hkv, D]; out [B, Hq, D].
 void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                           const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t batch,
                           int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, float* out) {
@@ -67,28 +66,28 @@ void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache
         for (int64_t h = 0; h < hq; h++) {
             const int64_t ctx = context_lens[b], kvh = h / (hq / hkv);
             const float* qh = q + b * q_stride + h * d;
-            float* scores = malloc(ctx * sizeof(float));
             float* o = out + (b * hq + h) * d;
-            float mx = -INFINITY;
-            for (int64_t p = 0; p < ctx; p++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + p / block_size] * block_size + p % block_size;
-                const float* k = k_cache + (slot * hkv + kvh) * d;
-                float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < d; i++) s += qh[i] * k[i];
-                scores[p] = s * scale;
-                mx = fmaxf(mx, scores[p]);
-            }
-            float total = 0.0f;
-            for (int64_t p = 0; p < ctx; p++) total += scores[p] = expf(scores[p] - mx);
+            float running_max = -INFINITY, total = 0.0f;
             for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
             for (int64_t p = 0; p < ctx; p++) {
                 const int64_t slot = (int64_t)block_tables[b * table_width + p / block_size] * block_size + p % block_size;
+                const float* k = k_cache + (slot * hkv + kvh) * d;
                 const float* v = v_cache + (slot * hkv + kvh) * d;
-                const float wgt = scores[p] / total;
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < d; i++) s += qh[i] * k[i];
+                s *= scale;
+                if (s > running_max) {  // rescale what is summed so far to the new maximum
+                    const float shrink = expf(running_max - s);
+                    total *= shrink;
+                    for (int64_t i = 0; i < d; i++) o[i] *= shrink;
+                    running_max = s;
+                }
+                const float w = expf(s - running_max);
+                total += w;
 #pragma omp simd
-                for (int64_t i = 0; i < d; i++) o[i] += wgt * v[i];
+                for (int64_t i = 0; i < d; i++) o[i] += w * v[i];
             }
-            free(scores);
+            for (int64_t i = 0; i < d; i++) o[i] /= total;
         }
 }
