@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -15,9 +16,10 @@ import gguf
 import numpy as np
 import tokenizers
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderField, ReaderTensor
+from gguf import GGMLQuantizationType
 
 from perfxllm.errors import ModelLoadError, UnsupportedError
+from perfxllm.model.gguf_reader import GGUFFile, GGUFTensor
 from perfxllm.model.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -48,12 +50,12 @@ class GGUFCheckpoint:
     config: dict[str, Any]
     tokenizer: tokenizers.Tokenizer
     tokenizer_config: dict[str, Any]
-    tensors: dict[str, ReaderTensor] = field(repr=False)  # Hugging Face name -> the file's tensor
+    tensors: dict[str, GGUFTensor] = field(repr=False)  # Hugging Face name -> the file's tensor
 
     def tensor_names(self) -> list[str]:
         return list(self.tensors)
 
-    def raw_tensor(self, hf_name: str) -> ReaderTensor:
+    def raw_tensor(self, hf_name: str) -> GGUFTensor:
         """The tensor as stored: quantized, and for Llama's q/k_proj in llama.cpp's row order (see rope_row_order)."""
         if hf_name not in self.tensors:
             raise ModelLoadError(f"{self.path} has no tensor {hf_name!r}")
@@ -92,10 +94,7 @@ def rope_row_order(n_heads: int, rows: int) -> np.ndarray:
 
 def load_gguf(path: str) -> GGUFCheckpoint:
     reader = _open(path)
-    try:
-        meta = {name: _value(f) for name, f in reader.fields.items()}
-    except (ValueError, IndexError) as e:
-        raise ModelLoadError(f"{path}: unreadable GGUF metadata ({_one_line(e)})") from None
+    meta = reader.fields
     arch = meta.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise UnsupportedError(f"unsupported architecture {arch!r} (supported: {', '.join(_ARCHITECTURES)})")
@@ -105,7 +104,7 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     return GGUFCheckpoint(str(path), config, build_tokenizer(meta), build_tokenizer_config(meta), tensors)
 
 
-def _open(path: str) -> GGUFReader:
+def _open(path: str) -> GGUFFile:
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"GGUF file not found: {path}")
@@ -114,8 +113,13 @@ def _open(path: str) -> GGUFReader:
     if magic != b"GGUF":
         raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
-        reader = GGUFReader(p)
-    except Exception as e:  # the reader has no error type of its own; a short file shows up as anything
+        reader = GGUFFile(p)
+    except (
+        ValueError,
+        struct.error,
+        OverflowError,
+        MemoryError,
+    ) as e:  # a short file shows up as any of these
         raise ModelLoadError(
             f"{path}: cannot read the GGUF file, it is truncated or corrupt ({_one_line(e)})"
         ) from None
@@ -130,15 +134,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())
 
 
-def _value(f: ReaderField) -> Any:
-    if f.types and f.types[-1] == GGUFValueType.STRING:
-        # Decoded leniently: llama.cpp takes token texts as raw bytes.
-        strings = [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return strings if f.types[0] == GGUFValueType.ARRAY else strings[0]
-    return f.contents()
-
-
-def _hf_tensors(path: str, reader: GGUFReader, arch: str) -> dict[str, ReaderTensor]:
+def _hf_tensors(path: str, reader: GGUFFile, arch: str) -> dict[str, GGUFTensor]:
     tensors = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS or t.name.endswith(".attn_rot_embd"):
@@ -167,7 +163,7 @@ def _dequantizable(qtype: GGMLQuantizationType) -> bool:
 
 
 def _config(
-    meta: dict[str, Any], arch: str, tensors: dict[str, ReaderTensor], rope_freqs: ReaderTensor | None
+    meta: dict[str, Any], arch: str, tensors: dict[str, GGUFTensor], rope_freqs: GGUFTensor | None
 ) -> dict[str, Any]:
     def key(name: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{name}", default)
@@ -203,7 +199,7 @@ def _config(
     return config
 
 
-def _vocab_size(meta: dict[str, Any], tensors: dict[str, ReaderTensor]) -> int:
+def _vocab_size(meta: dict[str, Any], tensors: dict[str, GGUFTensor]) -> int:
     embed = tensors.get("model.embed_tokens.weight")
     return int(embed.shape[-1]) if embed is not None else len(meta.get("tokenizer.ggml.tokens") or [])
 
@@ -214,10 +210,11 @@ def _f32(x: float) -> float:
 
 
 def _rope_scaling(
-    meta: dict[str, Any], arch: str, rope_freqs: ReaderTensor | None, head_dim: int, theta: float
+    meta: dict[str, Any], arch: str, rope_freqs: GGUFTensor | None, head_dim: int, theta: float
 ) -> dict[str, Any] | None:
     if rope_freqs is not None:
-        return _llama3_scaling(np.asarray(rope_freqs.data, np.float64).reshape(-1), head_dim, theta)
+        factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).astype(np.float64)
+        return _llama3_scaling(factors.reshape(-1), head_dim, theta)
     kind = meta.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None

@@ -15,10 +15,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, ReaderTensor
+from gguf import GGMLQuantizationType
 
 from perfxllm.layers.linear import Weight, select_rows
 from perfxllm.model.gguf_loader import GGUFCheckpoint
+from perfxllm.model.gguf_reader import GGUFTensor
 from perfxllm.quant.formats import Int4Weight, Int8Weight, pack_int4
 
 BLOCK = 32
@@ -35,8 +36,8 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(qs.shape[0], -1)
 
 
-def import_gguf_matrix(t: ReaderTensor) -> Int4Weight | Int8Weight:
-    """A Q4_0 / Q4_1 / Q8_0 ReaderTensor of shape [M, K] (GGUF writes it [K, M]) as a packed weight."""
+def import_gguf_matrix(t: GGUFTensor) -> Int4Weight | Int8Weight:
+    """A Q4_0 / Q4_1 / Q8_0 tensor of shape [M, K] (GGUF writes it [K, M]) as a packed weight."""
     if t.tensor_type not in NATIVE_TYPES or len(t.shape) != 2:
         raise ValueError(f"{t.name}: {t.tensor_type.name} {list(t.shape)} is not a Q4_0/Q4_1/Q8_0 matrix")
     k, m = int(t.shape[0]), int(t.shape[1])
