@@ -3,6 +3,7 @@ variants, all in-process on one Engine."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ class LLM:
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
         self.engine = Engine(EngineConfig(model=model, **engine_options))
         self.tokenizer = self.engine.tokenizer
+        # Outputs that a step made for a request whose reader is elsewhere (another open stream, or a batch
+        # that is waiting on this one): kept until that reader asks.
+        self._unread: dict[str, deque[RequestOutput]] = {}
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None) -> list[Completion]:
         prompts = [prompts] if isinstance(prompts, str) else prompts
@@ -50,30 +54,50 @@ class LLM:
     def stream_ids(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[RequestOutput]:
         """Outputs of one request as they come; closing the iterator early aborts the request."""
         request_id = self.engine.add_request(prompt_ids, params)
+        queue = self._unread.setdefault(request_id, deque())
         finished = False
         try:
             while not finished:
-                for out in self.engine.step():
-                    if out.request_id == request_id:
-                        finished = out.finished
-                        yield out
+                if not queue:
+                    self._step()
+                    continue
+                out = queue.popleft()
+                finished = out.finished
+                yield out
         finally:
+            del self._unread[request_id]
             if not finished:
                 self.engine.abort(request_id)
+
+    def _step(self) -> None:
+        """One engine step, its outputs queued for their requests' readers."""
+        for out in self.engine.step():
+            queue = self._unread.get(out.request_id)
+            if queue is not None:
+                queue.append(out)
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
         ids = [self.engine.add_request(p, params) for p in prompt_ids]
         results = {i: Completion("", [], None, len(p)) for i, p in zip(ids, prompt_ids)}
+        for i in ids:
+            self._unread[i] = deque()
         pending = set(ids)
-        while pending:
-            for out in self.engine.step():
-                c = results.get(out.request_id)
-                if c is None:  # a request of an open stream_ids iterator: its reader gets it from there
-                    continue
-                if out.finished:
-                    pending.discard(out.request_id)
-                c.text += out.text
-                c.token_ids += out.token_ids
-                c.logprobs += out.logprobs
-                c.finish_reason = out.finish_reason
+        try:
+            while pending:
+                self._step()
+                for i in list(pending):
+                    c, queue = results[i], self._unread[i]
+                    while queue:
+                        out = queue.popleft()
+                        c.text += out.text
+                        c.token_ids += out.token_ids
+                        c.logprobs += out.logprobs
+                        c.finish_reason = out.finish_reason
+                        if out.finished:
+                            pending.discard(i)
+        finally:
+            for i in ids:
+                del self._unread[i]
+            for i in pending:
+                self.engine.abort(i)
         return [results[i] for i in ids]

@@ -168,6 +168,20 @@ def test_streaming_concatenates_to_the_full_text(llm, solo):
         assert outs[-1].finish_reason == "length" and outs[-1].num_output_tokens == NEW
 
 
+def test_interleaved_streams_and_batches_each_get_all_their_outputs(llm, solo):
+    """Steps run for whichever reader asks; outputs of the others' requests wait for them."""
+    a = llm.generate_stream(PROMPTS[0], GREEDY)
+    b = llm.generate_stream(PROMPTS[1], GREEDY)
+    got_a, got_b = [next(a)], [next(b)]
+    batch = llm.generate([PROMPTS[2], PROMPTS[3]], GREEDY)  # runs while both streams are open
+    got_a += list(a)
+    got_b += list(b)
+    assert [t for o in got_a for t in o.token_ids] == solo[PROMPTS[0]]
+    assert [t for o in got_b for t in o.token_ids] == solo[PROMPTS[1]]
+    assert [c.token_ids for c in batch] == [solo[PROMPTS[2]], solo[PROMPTS[3]]]
+    assert not llm.engine.has_unfinished() and not llm._unread
+
+
 def test_closing_a_stream_aborts_and_frees_blocks(llm):
     bm = llm.engine.block_manager
     free_at_start = bm.num_free_blocks
