@@ -21,6 +21,7 @@
 #endif
 
 #define MAX_MT 4
+#define MAX_NW 2  // output channels per pass when x has one row (decode)
 #define BLOCK_N 16  // output channels per OpenMP work item
 
 static inline float half_to_float(uint16_t h) {
@@ -81,28 +82,36 @@ static inline float hsum(__m256 v) {
 #endif
 
 #ifdef __AVX2__
-// total[r] += s * xscale * (q . x16) over group q of one output channel, for MT rows of x.
+// total[w][r] += s * xscale * (q . x16) over group q, for NW consecutive output channels (weight rows) and MT
+// rows of x: each block of x is loaded once for all NW rows, each block of weights unpacked once for all MT.
 static inline __attribute__((always_inline)) void int4_group(const uint8_t* qrow, const float* sx, int64_t k,
                                                              int64_t g, int64_t q, const int16_t* x16,
-                                                             const int mt, __m256* total) {
+                                                             const int nw, const int mt, __m256* total) {
     const __m256i low4 = _mm256_set1_epi16(0x0F);
-    __m256i acc[MAX_MT];
-    for (int r = 0; r < mt; r++) acc[r] = _mm256_setzero_si256();
+    const int64_t ng = k / g;
+    __m256i acc[MAX_MT];  // nw * mt <= MAX_MT: arrays this small stay in registers
+    for (int i = 0; i < nw * mt; i++) acc[i] = _mm256_setzero_si256();
     const uint8_t* qb = qrow + q * (g / 2);
     const int16_t* xb = x16 + q * g;
     for (int64_t i = 0; i < g; i += 32, qb += 16, xb += 32) {
-        // each 16-bit lane holds one byte: its low nibble an even element, its high nibble the next odd one
-        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)qb));
-        const __m256i even = _mm256_and_si256(bytes, low4), odd = _mm256_srli_epi16(bytes, 4);
+        __m256i x_even[MAX_MT], x_odd[MAX_MT];
         for (int r = 0; r < mt; r++) {
-            const __m256i lo = _mm256_madd_epi16(even, _mm256_loadu_si256((const __m256i*)(xb + r * k)));
-            const __m256i hi = _mm256_madd_epi16(odd, _mm256_loadu_si256((const __m256i*)(xb + r * k + 16)));
-            acc[r] = _mm256_add_epi32(acc[r], _mm256_add_epi32(lo, hi));
+            x_even[r] = _mm256_loadu_si256((const __m256i*)(xb + r * k));
+            x_odd[r] = _mm256_loadu_si256((const __m256i*)(xb + r * k + 16));
+        }
+        for (int w = 0; w < nw; w++) {
+            // each 16-bit lane holds one byte: its low nibble an even element, its high nibble the next odd one
+            const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(qb + w * (k / 2))));
+            const __m256i even = _mm256_and_si256(bytes, low4), odd = _mm256_srli_epi16(bytes, 4);
+            for (int r = 0; r < mt; r++)
+                acc[w * mt + r] = _mm256_add_epi32(acc[w * mt + r], _mm256_add_epi32(_mm256_madd_epi16(even, x_even[r]),
+                                                                                      _mm256_madd_epi16(odd, x_odd[r])));
         }
     }
-    const int64_t ng = k / g;
-    for (int r = 0; r < mt; r++)
-        total[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_broadcast_ss(sx + r * ng + q), total[r]);
+    for (int w = 0; w < nw; w++)
+        for (int r = 0; r < mt; r++)
+            total[w * mt + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[w * mt + r]),
+                                                _mm256_broadcast_ss(sx + (w * mt + r) * ng + q), total[w * mt + r]);
 }
 
 // sx[r, q] = scale[q] * xscale[r, q] for the ng groups of one output channel and MT rows of x.
@@ -118,38 +127,39 @@ static inline __attribute__((always_inline)) void combine_scales(const uint16_t*
 }
 #endif
 
-// One output channel, MT rows of x: out[r] = sum over groups of s * xscale * (q . x16). Even and odd groups
-// keep separate running totals so that consecutive groups' FMAs do not wait on each other.
+// NW consecutive output channels, MT rows of x: out[w * MT + r] = sum over groups of s * xscale * (q . x16).
+// Even and odd groups keep separate running totals so that consecutive groups' FMAs do not wait on each other.
 static inline __attribute__((always_inline)) void int4_row(const uint8_t* qrow, const uint16_t* srow, int64_t k,
                                                            int64_t g, const int16_t* x16, const float* xscale,
-                                                           const int mt, float* out) {
+                                                           const int nw, const int mt, float* out) {
     const int64_t ng = k / g;
 #ifdef __AVX2__
-    float sx[mt * ng];
-    combine_scales(srow, xscale, ng, mt, sx);
-    __m256 even[MAX_MT], odd[MAX_MT];
-    for (int r = 0; r < mt; r++) even[r] = odd[r] = _mm256_setzero_ps();
+    float sx[nw * mt * ng];
+    for (int w = 0; w < nw; w++) combine_scales(srow + w * ng, xscale, ng, mt, sx + w * mt * ng);
+    __m256 even[MAX_MT], odd[MAX_MT];  // nw * mt <= MAX_MT
+    for (int i = 0; i < nw * mt; i++) even[i] = odd[i] = _mm256_setzero_ps();
     int64_t q = 0;
     for (; q + 1 < ng; q += 2) {
-        int4_group(qrow, sx, k, g, q, x16, mt, even);
-        int4_group(qrow, sx, k, g, q + 1, x16, mt, odd);
+        int4_group(qrow, sx, k, g, q, x16, nw, mt, even);
+        int4_group(qrow, sx, k, g, q + 1, x16, nw, mt, odd);
     }
-    if (q < ng) int4_group(qrow, sx, k, g, q, x16, mt, even);
-    for (int r = 0; r < mt; r++) out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+    if (q < ng) int4_group(qrow, sx, k, g, q, x16, nw, mt, even);
+    for (int i = 0; i < nw * mt; i++) out[i] = hsum(_mm256_add_ps(even[i], odd[i]));
 #else
-    for (int r = 0; r < mt; r++) {
-        float sum = 0.0f;
-        for (int64_t q = 0; q < ng; q++) {
-            int32_t acc = 0;
-            for (int64_t i = q * g; i < (q + 1) * g; i += 32)
-                for (int j = 0; j < 16; j++) {
-                    const uint8_t byte = qrow[i / 2 + j];
-                    acc += (byte & 0x0F) * x16[r * k + i + j] + (byte >> 4) * x16[r * k + i + 16 + j];
-                }
-            sum += acc * half_to_float(srow[q]) * xscale[r * ng + q];
+    for (int w = 0; w < nw; w++)
+        for (int r = 0; r < mt; r++) {
+            float sum = 0.0f;
+            for (int64_t q = 0; q < ng; q++) {
+                int32_t acc = 0;
+                for (int64_t i = q * g; i < (q + 1) * g; i += 32)
+                    for (int j = 0; j < 16; j++) {
+                        const uint8_t byte = qrow[w * (k / 2) + i / 2 + j];
+                        acc += (byte & 0x0F) * x16[r * k + i + j] + (byte >> 4) * x16[r * k + i + 16 + j];
+                    }
+                sum += acc * half_to_float(srow[w * ng + q]) * xscale[r * ng + q];
+            }
+            out[w * mt + r] = sum;
         }
-        out[r] = sum;
-    }
 #endif
 }
 
@@ -179,12 +189,13 @@ static inline float offset_dot(const void* zeros, int zeros_are_min, const uint1
     return s;
 }
 
-#define INT4_ROWS(G)                                                      \
-    switch (mt) {                                                         \
-        case 1: int4_row(qrow, srow, k, G, xr, sr, 1, out); break;        \
-        case 2: int4_row(qrow, srow, k, G, xr, sr, 2, out); break;        \
-        case 3: int4_row(qrow, srow, k, G, xr, sr, 3, out); break;        \
-        default: int4_row(qrow, srow, k, G, xr, sr, 4, out); break;       \
+#define INT4_ROWS(G)                                                             \
+    switch (nw * MAX_MT + mt) {                                                  \
+        case 2 * MAX_MT + 1: int4_row(qrow, srow, k, G, xr, sr, 2, 1, out); break; \
+        case MAX_MT + 1: int4_row(qrow, srow, k, G, xr, sr, 1, 1, out); break;     \
+        case MAX_MT + 2: int4_row(qrow, srow, k, G, xr, sr, 1, 2, out); break;     \
+        case MAX_MT + 3: int4_row(qrow, srow, k, G, xr, sr, 1, 3, out); break;     \
+        default: int4_row(qrow, srow, k, G, xr, sr, 1, 4, out); break;             \
     }
 
 // W[n, k] = (q - z[n, k / G]) * s[n, k / G] for integer zero points z (uint8 [N, K/G]), or
@@ -205,10 +216,11 @@ void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, c
             const int64_t mt = m - r0 < MAX_MT ? m - r0 : MAX_MT;
             const int16_t* xr = x16 + r0 * k;
             const float* sr = xscale + r0 * ng;
-            for (int64_t j = n0; j < n1; j++) {
+            for (int64_t j = n0; j < n1;) {
+                const int nw = mt == 1 && j + 1 < n1 ? 2 : 1;
                 const uint8_t* qrow = qweight + j * (k / 2);
                 const uint16_t* srow = scales + j * ng;
-                float out[MAX_MT];
+                float out[MAX_NW * MAX_MT];
                 // constant group sizes and row counts: the compiler unrolls the group's blocks and keeps the
                 // accumulators in registers
                 switch (g) {
@@ -217,9 +229,12 @@ void int4_matmul(const float* x, int64_t m, int64_t k, const uint8_t* qweight, c
                     case 128: INT4_ROWS(128); break;
                     default: INT4_ROWS(g); break;
                 }
-                const void* zrow = (const char*)zeros + j * ng * zero_size;
-                for (int64_t r = 0; r < mt; r++)
-                    y[(r0 + r) * n + j] = out[r] + offset_dot(zrow, zeros_are_min, srow, xsum + (r0 + r) * ng, ng);
+                for (int w = 0; w < nw; w++, j++) {
+                    const void* zrow = (const char*)zeros + j * ng * zero_size;
+                    for (int64_t r = 0; r < mt; r++)
+                        y[(r0 + r) * n + j] = out[w * mt + r] + offset_dot(zrow, zeros_are_min, scales + j * ng,
+                                                                           xsum + (r0 + r) * ng, ng);
+                }
             }
         }
     }
