@@ -105,11 +105,9 @@ def measure(engine: Ours | LlamaCpp, ids: list[int]) -> dict[str, Callable[[], f
 def chat_experience(ours: Ours, repeats: int) -> dict:
     """`perfxllm chat`'s first answer: time to first token and decode token/s, medians."""
     messages = [{"role": "user", "content": CHAT_QUESTION}]
-    ttft, rates, tokens = [], [], 0
+    ttft, rates = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        first = None
-        tokens = 0
+        start, first, tokens = time.perf_counter(), None, 0
         for out in ours.llm.chat_stream(messages, SamplingParams(temperature=0, max_tokens=96)):
             tokens += len(out.token_ids)
             if first is None and out.token_ids:

@@ -17,6 +17,7 @@ from torch import nn
 
 from perfxllm.kernels import cpu_lib
 from perfxllm.kernels.quant_matmul_cpu import X_BLOCKS, CPUInt4Weight, CPUInt8Weight
+from perfxllm.layers.attention import block_table_tensor
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 INT4_ZEROS, INT4_MINS, INT8 = 0, 1, 2
@@ -129,13 +130,12 @@ class CPUGraphRunner:
         """One decode token for each of B sequences -> logits float32 [B, vocab] (a view of a buffer that the
         next step overwrites)."""
         b = len(input_ids)
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        ids, pos, slot = (torch.tensor(v, dtype=torch.int64) for v in (input_ids, positions, slots))
+        tables = block_table_tensor(block_tables)
+        ids, pos, slot = torch.tensor([input_ids, positions, slots], dtype=torch.int64)  # one allocation
         lens = torch.tensor(context_lens, dtype=torch.int32)
         self._decode(
             ctypes.byref(self.model_struct), b, ids.data_ptr(), pos.data_ptr(), slot.data_ptr(),
-            tables.data_ptr(), width, lens.data_ptr(), self.work.data_ptr(), self.hidden.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), self.work.data_ptr(), self.hidden.data_ptr(),
             self.logits.data_ptr(),
         )  # fmt: skip
         return self.logits[:b] if self.packed_head else self.model.compute_logits(self.hidden[:b])

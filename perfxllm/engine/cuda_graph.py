@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from perfxllm.layers.attention import AttentionMetadata
+from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -71,8 +71,7 @@ class CUDAGraphRunner:
         self.slot_mapping[b:bucket].fill_(-1)
         self.context_lens[b:bucket].fill_(1)
         self.context_lens[:b].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
-        self.block_tables[:b, :width].copy_(tables, non_blocking=True)
+        tables = block_table_tensor(block_tables)
+        self.block_tables[:b, : tables.shape[1]].copy_(tables, non_blocking=True)
         self.graphs[bucket].replay()
         return self.logits[bucket][:b]

@@ -12,7 +12,7 @@ from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import Sequence
-from perfxllm.layers.attention import AttentionMetadata
+from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 if TYPE_CHECKING:
     from perfxllm.engine.tensor_parallel import TPGroup
@@ -77,13 +77,11 @@ class ModelRunner:
             )
             return logits[inputs.logit_rows]
         to = dict(device=self.device)
-        width = max(len(t) for t in inputs.block_tables)
-        tables = [t + [0] * (width - len(t)) for t in inputs.block_tables]
         meta = AttentionMetadata(
             query_lens=inputs.query_lens,
             context_lens=torch.tensor(inputs.context_lens, dtype=torch.int32, **to),
             slot_mapping=torch.tensor(inputs.slots, dtype=torch.int64, **to),
-            block_tables=torch.tensor(tables, dtype=torch.int32, **to),
+            block_tables=block_table_tensor(inputs.block_tables, self.device),
             max_context_len=max(inputs.context_lens),
         )
         ids = torch.tensor(inputs.input_ids, dtype=torch.int64, **to)

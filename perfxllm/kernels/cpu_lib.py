@@ -19,7 +19,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))
 # -ffp-contract=off: no fused multiply-adds but the ones written out, so that dequantizing rounds exactly as
 # the torch reference does (the kernels' own FMAs are intrinsics).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
@@ -46,7 +47,7 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         warnings.warn("no C compiler (cc): the CPU runs quantized models dequantized, slower", stacklevel=2)
         return None
-    sources = [p.read_bytes() for p in SOURCES]
+    sources = [p.read_bytes() for p in sorted(CSRC.glob("*.[ch]"))]
     key = hashlib.sha256(b"\0".join([*sources, cc.encode(), " ".join(FLAGS).encode(), _cpu_model().encode()]))
     lib = cache_dir() / f"perfxllm-cpu-{key.hexdigest()[:16]}.so"
     if not lib.exists():
@@ -67,29 +68,24 @@ def load() -> ctypes.CDLL | None:
     return _declare(ctypes.CDLL(str(lib)))
 
 
+_p, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+# name: (argument types, return type), as declared in csrc/cpu_kernels.h
+SIGNATURES = {
+    "int4_matmul": ([_p, _i64, _i64, _p, _p, _p, _i32, _i64, _i64, _p, _p], None),
+    "int8_matmul": ([_p, _i64, _i64, _p, _p, _i64, _i64, _i64, _p, _p], None),
+    "int4_dequantize": ([_p, _p, _p, _i32, _i64, _i64, _i64, _p], None),
+    "int8_dequantize": ([_p, _p, _i64, _i64, _i64, _p], None),
+    "add_rmsnorm_f32": ([_p, _p, _p, _i64, _i64, _f32, _p, _p], None),
+    "silu_mul_f32": ([_p, _i64, _i64, _p], None),
+    "rope_cache_write_f32": ([_p, _i64, _i64, _i64, _i64, _p, _p, _p, _p, _p], None),
+    "decode_attention_f32": ([_p, _i64, _p, _p, _p, _i64, _p, _i64, _i64, _i64, _i64, _i64, _f32, _p], None),
+    "llama_decode_work_size": ([_p, _i64], _i64),
+    "llama_decode": ([_p, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p], None),
+}
+
+
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    lib.int4_matmul.argtypes = [p, i64, i64, p, p, p, i32, i64, i64, p, p]
-    lib.int4_matmul.restype = None
-    lib.int8_matmul.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p]
-    lib.int8_matmul.restype = None
-    lib.int4_dequantize.argtypes = [p, p, p, i32, i64, i64, i64, p]
-    lib.int4_dequantize.restype = None
-    lib.int8_dequantize.argtypes = [p, p, i64, i64, i64, p]
-    lib.int8_dequantize.restype = None
-    lib.add_rmsnorm_f32.argtypes = [p, p, p, i64, i64, f32, p, p]
-    lib.silu_mul_f32.argtypes = [p, i64, i64, p]
-    lib.rope_cache_write_f32.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p]
-    lib.decode_attention_f32.argtypes = [p, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, p]
-    lib.llama_decode_work_size.argtypes = [p, i64]
-    lib.llama_decode_work_size.restype = i64
-    lib.llama_decode.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p]
-    for fn in (
-        lib.llama_decode,
-        lib.add_rmsnorm_f32,
-        lib.silu_mul_f32,
-        lib.rope_cache_write_f32,
-        lib.decode_attention_f32,
-    ):
-        fn.restype = None
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
     return lib

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from perfxllm.kernels import cpu_lib
-from perfxllm.quant.formats import Int4Weight, Int8Weight
+from perfxllm.quant.formats import Int4Weight, Int8Weight, int4_format_name, int8_format_name
 
 GEMM_MIN_TOKENS = 40  # measured: the kernels win below about 48 tokens (dequantizing costs ~160 ms)
 X_BLOCKS = (128, 64, 32)  # int8 weights: x is quantized in blocks of the largest of these dividing G
@@ -55,7 +55,7 @@ class CPUInt4Weight:
 
     @property
     def format_name(self) -> str:
-        return f"int4 g{self.group_size}"
+        return int4_format_name(self.group_size, self.zeros.is_floating_point())
 
     def dequantize(self) -> torch.Tensor:
         m, k = self.shape
@@ -92,7 +92,7 @@ class CPUInt8Weight:
 
     @property
     def format_name(self) -> str:
-        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+        return int8_format_name(self.group_size)
 
     def dequantize(self) -> torch.Tensor:
         m, k = self.shape

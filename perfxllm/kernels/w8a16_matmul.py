@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.quant.formats import Int8Weight
+from perfxllm.quant.formats import Int8Weight, int8_format_name
 
 
 @dataclass
@@ -31,7 +31,7 @@ class W8Packed:
 
     @property
     def format_name(self) -> str:
-        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+        return int8_format_name(self.group_size)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return w8a16_matmul(x, self)

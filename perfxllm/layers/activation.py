@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from perfxllm.kernels import runs_on_kernels
+from perfxllm.kernels import decode_ops_cpu, runs_on_kernels
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -14,8 +14,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         from perfxllm.kernels.silu_mul import silu_mul
 
         return silu_mul(gate_up)
-    from perfxllm.kernels import decode_ops_cpu
-
     if decode_ops_cpu.available(gate_up):
         return decode_ops_cpu.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)

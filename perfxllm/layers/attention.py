@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from perfxllm.kernels import runs_on_kernels
+from perfxllm.kernels import decode_ops_cpu, runs_on_kernels
 from perfxllm.layers.rotary import apply_rope
 
 
@@ -26,6 +26,12 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     max_context_len: int  # a host int that sizes kernel grids: under a CUDA graph, an upper bound
+
+
+def block_table_tensor(block_tables: list[list[int]], device: torch.device | None = None) -> torch.Tensor:
+    """int32 [B, longest]: each sequence's blocks, padded with block 0 (never read: context_lens bounds reads)."""
+    width = max(len(t) for t in block_tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=device)
 
 
 def attention(
@@ -41,8 +47,6 @@ def attention(
 ) -> torch.Tensor:
     """Unrotated q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D]: rotates q and k, writes k/v into the
     cache, attends."""
-    from perfxllm.kernels import decode_ops_cpu
-
     if decode_ops_cpu.available(q) and k_cache.dtype == q.dtype and decode_ops_cpu.qkv_rows(q, k, v):
         decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, meta.slot_mapping, k_cache, v_cache)
         if max(meta.query_lens) == 1:

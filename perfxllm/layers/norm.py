@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from perfxllm.kernels import runs_on_kernels
+from perfxllm.kernels import decode_ops_cpu, runs_on_kernels
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +22,6 @@ class RMSNorm(nn.Module):
             from perfxllm.kernels.add_rmsnorm import add_rmsnorm
 
             return add_rmsnorm(x, residual, self.weight, self.eps)
-        from perfxllm.kernels import decode_ops_cpu
-
         if decode_ops_cpu.available(x):
             return decode_ops_cpu.add_rmsnorm(x, residual, self.weight, self.eps)
         if residual is not None:

@@ -61,7 +61,7 @@ class Int4Weight:
 
     @property
     def format_name(self) -> str:
-        return f"int4 g{self.group_size}" + (" min" if self.zeros.is_floating_point() else "")
+        return int4_format_name(self.group_size, self.zeros.is_floating_point())
 
     def to(self, device: torch.device | str) -> Int4Weight:
         return map_tensors(self, lambda t: t.to(device))
@@ -101,7 +101,7 @@ class Int8Weight:
 
     @property
     def format_name(self) -> str:
-        return "int8" if self.group_size is None else f"int8 g{self.group_size}"
+        return int8_format_name(self.group_size)
 
     def to(self, device: torch.device | str) -> Int8Weight:
         return map_tensors(self, lambda t: t.to(device))
@@ -129,6 +129,15 @@ def tensor_fields(w: Int4Weight | Int8Weight) -> list[str]:
 def map_tensors(w: PackedWeight, fn) -> PackedWeight:
     """The same weight with fn applied to each of its tensors (fn: Tensor -> Tensor)."""
     return replace(w, **{name: fn(getattr(w, name)) for name in tensor_fields(w)})
+
+
+def int4_format_name(group_size: int, minima: bool) -> str:
+    """How `perfxllm info` and quantization_config.modules name an int4 weight, in any layout."""
+    return f"int4 g{group_size}" + (" min" if minima else "")
+
+
+def int8_format_name(group_size: int | None) -> str:
+    return "int8" if group_size is None else f"int8 g{group_size}"
 
 
 def pack_int4(wq: torch.Tensor) -> torch.Tensor:

@@ -53,9 +53,8 @@ def import_gguf_matrix(t: GGUFTensor) -> Int4Weight | Int8Weight:
 
 class NativeGGUF:
     """A GGUFCheckpoint whose Q4_0 / Q4_1 / Q8_0 projections come packed (Q and K rows put back in Hugging
-    Face's order, packed rows being whole rows) and every other tensor dequantized, as the checkpoint gives it.
-    A tied embedding stored packed comes twice: dense for the lookup, and packed as the lm_head's weight, so
-    that the logits read the file's bytes (SmolLM2's Q8_0 table: 30 MB a token instead of 113 MB in float32)."""
+    Face's order, packed rows being whole rows), the embedding too (the loader gathers it dequantized, and a
+    tied lm_head keeps it packed), and every other tensor dequantized, as the checkpoint gives it."""
 
     def __init__(self, source: GGUFCheckpoint) -> None:
         self.source = source
@@ -68,12 +67,9 @@ class NativeGGUF:
     def iter_tensors(self) -> Iterator[tuple[str, Weight]]:
         for name in self.source.tensor_names():
             raw = self.source.raw_tensor(name)
-            projection = name.endswith("_proj.weight") or name == "lm_head.weight"
-            if not projection or raw.tensor_type not in NATIVE_TYPES:
+            matrix = name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+            if not matrix or raw.tensor_type not in NATIVE_TYPES:
                 yield name, self.source.tensor(name)
-                tied = name == "model.embed_tokens.weight" and self.config.get("tie_word_embeddings")
-                if tied and raw.tensor_type in NATIVE_TYPES:
-                    yield "lm_head.weight", import_gguf_matrix(raw)
                 continue
             weight = import_gguf_matrix(raw)
             order = self.source.rope_row_order(name)

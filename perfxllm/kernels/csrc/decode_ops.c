@@ -4,6 +4,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "cpu_kernels.h"
+
 // res_out = x + residual (residual may be NULL: res_out unused), out = res_out * rsqrt(mean(res_out^2) + eps) * w.
 void add_rmsnorm_f32(const float* x, const float* residual, const float* w, int64_t rows, int64_t h, float eps,
                      float* out, float* res_out) {

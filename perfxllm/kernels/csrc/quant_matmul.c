@@ -16,6 +16,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_kernels.h"
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
