@@ -66,6 +66,9 @@ class DiskTuner:
     """Picks the fastest of several configs for a key on first use, timing each on the GPU, and remembers
     the choice in memory and in a JSON file (~/.cache/perfxllm/<name>.json or $PERFXLLM_CACHE_DIR).
 
+    Each config is timed inside a CUDA graph, as the decode step runs it: timed from Python, a kernel of a
+    few microseconds measures the launch overhead instead, and the pick is noise.
+
     Under the Triton interpreter nothing is timed: the first config is used."""
 
     def __init__(self, name: str) -> None:
@@ -90,7 +93,9 @@ class DiskTuner:
         times = []
         for cfg in configs:
             try:
-                times.append(triton.testing.do_bench(lambda cfg=cfg: run(cfg), warmup=5, rep=25))
+                times.append(
+                    triton.testing.do_bench_cudagraph(lambda cfg=cfg: run(cfg), rep=5, return_mode="median")
+                )
             except triton.runtime.errors.OutOfResources:
                 times.append(float("inf"))
         best[key] = configs[min(range(len(configs)), key=times.__getitem__)]

@@ -2,28 +2,34 @@
 and zero point (or float minimum) per group of G in {32, 64, 128} input channels (perfxllm.quant.formats).
 
 `prepack` repacks an Int4Weight once at load time:
-    qweight uint8   [M, K // 2]   in chunks of 32 input channels: byte j (0..15) of chunk c holds channel
-                                  32c + j in its low nibble and 32c + 16 + j in its high nibble, so one
-                                  16-byte load per row and chunk feeds two contiguous runs of x
+    qweight int32   [M, K // 8]   word w of a row holds input channels 8w..8w+7; channel 8w + e sits in byte
+                                  j = 2 (e % 2) + (e // 2) % 2, low nibble for e < 4, high nibble otherwise
+                                  (the order in which _dequantize's joins lay the nibbles out)
     scales  float16 [K // G, M]   transposed so a tile's scales are one contiguous load
     bias    float16 [K // G, M]   W = q * scale + bias (bias = -zero * scale, or the Q4_1 minimum)
 
-Three tilings, picked by N (tokens):
-    N = 1            GEMV: one row tile of W per program over wide K tiles (several groups each, 128-512
-                     bytes of every row per load, so enough bytes are in flight to stream the weights);
-                     products of raw nibbles and x summed per group, then scaled; split along K with fp32
-                     atomics when there are too few row tiles to fill the GPU
-    N <= GEMV_MAX_N  memory bound: one row tile of W per program, all N at once in a 16-wide tensor-core
-                     dot, optionally split along K
-    N >  GEMV_MAX_N  compute bound: [BN, BM] output tiles on the tensor cores
+Both kernels turn nibbles into floats with one LOP3 each: byte j of a word is shifted so that its two
+nibbles land in mantissa bits 12-15 and 16-19 of a float32 whose other bits are those of 1.0, giving
+1 + q / 2048 and 1 + q / 128; the offset and the factor are folded into the scale. (The 1.0 bits come in
+as a kernel argument, `one_bits`: with two immediates ptxas would need a second LOP3.)
 
-All dequantize in registers and apply the group's scale after the sum over integer nibbles (exact in
-fp16/bf16): acc += dot(x, q) * scale + rowsum(x) * bias. Block shapes are tuned per (path, M, K, N bucket) on
-the GPU and cached on disk (see _common.DiskTuner).
+Two kernels, picked by N (tokens):
+    N = 1   GEMV on the CUDA cores: a [BLOCK_M, BLOCK_K / 8] tile of words per iteration, one group; the
+            products are summed per word in registers and scaled per group, and the sum across K happens
+            once, after the loop. Split along K with fp32 atomics when there are too few row tiles.
+    N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
+            small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
+            dtype) and fed to tl.dot; split along K for small N.
+    N large the tuner may pick instead: dequantize W in slices into a fixed scratch buffer and multiply with
+            cuBLAS (it wins where the tensor-core kernel's in-loop dequantization, repeated for every tile
+            of x, costs more than writing W once in fp16).
+
+Block shapes are tuned per (kernel, N bucket, M, K) on the GPU and cached on disk (_common.DiskTuner).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +39,21 @@ import triton.language as tl
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
 from perfxllm.quant.formats import Int4Weight
 
-GEMV_MAX_N = 16
-CHUNK = 32  # input channels per 16-byte packed chunk
+ONE_BITS = 0x3F800000  # the bits of float32 1.0
+# Bit offset of input channel 8w + e within word w (see the module docstring).
+_NIBBLE_SHIFT = [8 * (2 * (e % 2) + (e // 2) % 2) + 4 * (e // 4) for e in range(8)]
 
 
 @dataclass
 class W4Packed:
-    qweight: torch.Tensor  # uint8 [M, K // 2], chunked nibble order (module docstring)
+    qweight: torch.Tensor  # int32 [M, K // 8], nibble order in the module docstring
     scales: torch.Tensor  # float16 [K // G, M]
     bias: torch.Tensor  # float16 [K // G, M]
     group_size: int
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.qweight.shape[0], self.qweight.shape[1] * 2
+        return self.qweight.shape[0], self.qweight.shape[1] * 8
 
     @property
     def format_name(self) -> str:
@@ -62,8 +69,10 @@ def prepack(w: Int4Weight) -> W4Packed:
     g = w.group_size
     if g not in (32, 64, 128) or k % g:
         raise ValueError(f"group size {g} with K={k}: need G in (32, 64, 128) dividing K")
-    q = w.unpack().view(m, k // CHUNK, 2, CHUNK // 2)
-    qweight = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(m, k // 2).contiguous()
+    q = w.unpack().view(m, k // 8, 8).to(torch.int64)
+    shifts = torch.tensor(_NIBBLE_SHIFT, device=q.device)
+    words = (q << shifts).sum(-1)  # disjoint bits: the sum is an OR
+    qweight = (words - (words >= 2**31).long() * 2**32).to(torch.int32).contiguous()
     s = w.scales.float()
     z = w.unpacked_zeros().float()
     b = z if w.zeros.is_floating_point() else -z * s
@@ -71,76 +80,40 @@ def prepack(w: Int4Weight) -> W4Packed:
 
 
 @triton.jit
-def _nibbles_to_float(nib, to_dtype: tl.constexpr):
-    """int16 values 0..15 -> the same values in to_dtype, through the exponent bits instead of a conversion."""
-    if to_dtype == tl.float32:
-        return (nib.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    elif to_dtype == tl.float16:
-        return (nib | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+def _byte_to_window(q, j: tl.constexpr):
+    """Shift words so that the low nibble of byte j sits at bit 12 and its high nibble at bit 16."""
+    if j < 2:
+        return q << (12 - 8 * j)
     else:
-        return (nib | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+        return q >> (8 * j - 12)
 
 
 @triton.jit
-def _w4a16_kernel(
-    x_ptr,
-    qw_ptr,
-    s_ptr,
-    b_ptr,
-    out_ptr,
-    N,
-    M,
-    K,
-    stride_xn,
-    stride_on,
-    G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    dtype = x_ptr.dtype.element_ty
-    HALF: tl.constexpr = BLOCK_K // 2
+def _nibble(t, mask: tl.constexpr, one_bits):
+    """1 + q / 2048 (mask 0xF000) or 1 + q / 128 (mask 0xF0000) as float32, q the nibble under the mask."""
+    return ((t & mask) | one_bits).to(tl.float32, bitcast=True)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    j = tl.arange(0, HALF)
-    k_lo = (j // 16) * 32 + j % 16  # input channel of each low nibble within its 32-channel chunk
 
-    num_iters = K // BLOCK_K
-    per_split = tl.cdiv(num_iters, SPLIT_K)
-    it_start = pid_k * per_split
-    it_end = tl.minimum(it_start + per_split, num_iters)
+@triton.jit
+def _dequantize_byte(q, j: tl.constexpr, s, b, one_bits, dtype: tl.constexpr):
+    """Both nibbles of byte j of each word, q * s + b in dtype: [R, W, 2] (low, high)."""
+    t = _byte_to_window(q, j)
+    lo = _nibble(t, 0xF000, one_bits) * (s * 2048.0) + (b - s * 2048.0)
+    hi = _nibble(t, 0xF0000, one_bits) * (s * 128.0) + (b - s * 128.0)
+    return tl.join(lo.to(dtype), hi.to(dtype))
 
-    w_ptrs = qw_ptr + offs_m[:, None] * (K // 2) + j[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for it in range(it_start, it_end):
-        k0 = it * BLOCK_K
-        qb = tl.load(w_ptrs + k0 // 2, mask=mask_m[:, None], other=0).to(tl.int16)
-        grp = k0 // G
-        s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-        b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-        x_ptrs = x_ptr + offs_n[:, None] * stride_xn + k0 + k_lo[None, :]
-        x_lo = tl.load(x_ptrs, mask=mask_n[:, None], other=0)
-        x_hi = tl.load(x_ptrs + 16, mask=mask_n[:, None], other=0)
-        q_lo = _nibbles_to_float(qb & 15, dtype)
-        q_hi = _nibbles_to_float(qb >> 4, dtype)
-        part = tl.dot(x_lo, tl.trans(q_lo))
-        part = tl.dot(x_hi, tl.trans(q_hi), part)
-        x_sum = tl.sum(x_lo.to(tl.float32), axis=1) + tl.sum(x_hi.to(tl.float32), axis=1)
-        acc += part * s[None, :] + x_sum[:, None] * b[None, :]
 
-    out_ptrs = out_ptr + offs_n[:, None] * stride_on + offs_m[None, :]
-    mask = mask_n[:, None] & mask_m[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+@triton.jit
+def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
+    """int32 words [R, W] with float32 scale and bias [R, 1] -> weights q * s + b, [R, 8 W] in dtype."""
+    pairs_01 = tl.join(
+        _dequantize_byte(q, 0, s, b, one_bits, dtype), _dequantize_byte(q, 1, s, b, one_bits, dtype)
+    )
+    pairs_23 = tl.join(
+        _dequantize_byte(q, 2, s, b, one_bits, dtype), _dequantize_byte(q, 3, s, b, one_bits, dtype)
+    )
+    # [R, W, nibble, byte % 2, byte // 2] -> channel 8 w + 4 nibble + 2 (byte % 2) + byte // 2
+    return tl.reshape(tl.join(pairs_01, pairs_23), (q.shape[0], 8 * q.shape[1]))
 
 
 @triton.jit
@@ -153,6 +126,7 @@ def _w4_gemv_kernel(
     M,
     K,
     split_k,
+    one_bits,
     G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -160,56 +134,206 @@ def _w4_gemv_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    HALF: tl.constexpr = BLOCK_K // 2
-    NG: tl.constexpr = BLOCK_K // G  # groups per K tile: bytes [g*G/2, (g+1)*G/2) of a tile are group g
+    W: tl.constexpr = BLOCK_K // 8  # words per row and iteration, all in one group (BLOCK_K <= G)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    j = tl.arange(0, HALF)
-    k_lo = (j // 16) * 32 + j % 16
-    offs_g = tl.arange(0, NG)
+    word_x = tl.arange(0, W) * 8  # first input channel of each word of a tile
 
     num_iters = K // BLOCK_K
     per_split = tl.cdiv(num_iters, split_k)
     it_start = pid_k * per_split
     it_end = tl.minimum(it_start + per_split, num_iters)
 
-    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 2) + j[None, :]
-    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
+    acc = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
+    acc_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
-        qb = tl.load(w_ptrs + k0 // 2, mask=mask_m[:, None], other=0).to(tl.int16)
-        x_lo = tl.load(x_ptr + k0 + k_lo).to(tl.float32)
-        x_hi = tl.load(x_ptr + k0 + k_lo + 16).to(tl.float32)
-        prod = _nibbles_to_float(qb & 15, tl.float32) * x_lo[None, :]
-        prod += _nibbles_to_float(qb >> 4, tl.float32) * x_hi[None, :]
-        per_group = tl.sum(tl.reshape(prod, (BLOCK_M, NG, G // 2)), axis=2)
-        x_sum = tl.sum(tl.reshape(x_lo + x_hi, (NG, G // 2)), axis=1)
-        sb = (k0 // G + offs_g)[None, :] * M + offs_m[:, None]
-        s = tl.load(s_ptr + sb, mask=mask_m[:, None], other=0).to(tl.float32)
-        b = tl.load(b_ptr + sb, mask=mask_m[:, None], other=0).to(tl.float32)
-        acc += tl.sum(per_group * s + x_sum[None, :] * b, axis=1)
+        q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
+        grp = k0 // G
+        s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        lo = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over low nibbles of (1 + q / 2048) x
+        hi = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over high nibbles of (1 + q / 128) x
+        x_lo_sum = tl.zeros([W], dtype=tl.float32)
+        x_hi_sum = tl.zeros([W], dtype=tl.float32)
+        for j in tl.static_range(4):
+            t = _byte_to_window(q, j)
+            x_lo = tl.load(x_ptr + k0 + word_x + (2 * (j % 2) + j // 2)).to(tl.float32)
+            x_hi = tl.load(x_ptr + k0 + word_x + (4 + 2 * (j % 2) + j // 2)).to(tl.float32)
+            lo += _nibble(t, 0xF000, one_bits) * x_lo[None, :]
+            hi += _nibble(t, 0xF0000, one_bits) * x_hi[None, :]
+            x_lo_sum += x_lo
+            x_hi_sum += x_hi
+        q_dot_x = lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)[None, :])
+        acc += q_dot_x * s[:, None]
+        acc_bias += b * tl.sum(x_lo_sum + x_hi_sum, axis=0)
 
+    out = tl.sum(acc, axis=1) + acc_bias
     if ATOMIC:
-        tl.atomic_add(out_ptr + offs_m, acc, mask=mask_m, sem="relaxed")
+        tl.atomic_add(out_ptr + offs_m, out, mask=mask_m, sem="relaxed")
     else:
-        tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=mask_m)
+        tl.store(out_ptr + offs_m, out.to(out_ptr.dtype.element_ty), mask=mask_m)
 
 
-def _gemv_configs(m: int, k: int, g: int) -> list[dict]:
-    """N = 1: K tiles of whole groups that divide K; row tiles; splits along K that fill the GPU."""
-    tiles = [bk for bk in (256, 512, 1024) if bk % g == 0 and k % bk == 0] or [g]
+@triton.jit
+def _w4_gemm_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    M,
+    K,
+    stride_xn,
+    stride_on,
+    one_bits,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)  # fastest: the row tiles of x that share a weight tile run together
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    dtype = x_ptr.dtype.element_ty
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    num_iters = K // BLOCK_K
+    per_split = tl.cdiv(num_iters, SPLIT_K)
+    it_start = pid_k * per_split
+    it_end = tl.minimum(it_start + per_split, num_iters)
+
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
+    x_ptrs = x_ptr + offs_n[:, None] * stride_xn + tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for it in range(it_start, it_end):
+        k0 = it * BLOCK_K
+        q = tl.load(w_ptrs + k0 // 8, mask=mask_m[:, None], other=0)
+        grp = k0 // G
+        s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
+        x = tl.load(x_ptrs + k0, mask=mask_n[:, None], other=0)
+        acc = tl.dot(w, tl.trans(x), acc)
+
+    out_ptrs = out_ptr + offs_n[None, :] * stride_on + offs_m[:, None]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _w4_dequant_kernel(
+    qw_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    K,
+    row0,
+    one_bits,
+    G: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Rows row0 + [0, rows) of W, dequantized into out [rows, K]."""
+    offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = row0 + offs_r
+    mask_m = offs_m < M
+    k0 = tl.program_id(1) * BLOCK_K
+    q = tl.load(
+        qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :],
+        mask=mask_m[:, None],
+        other=0,
+    )
+    s = tl.load(s_ptr + (k0 // G) * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    b = tl.load(b_ptr + (k0 // G) * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    w = _dequantize(q, s[:, None], b[:, None], one_bits, out_ptr.dtype.element_ty)
+    out_ptrs = out_ptr + offs_r[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]
+    tl.store(out_ptrs, w, mask=mask_m[:, None])
+
+
+SCRATCH_BYTES = 64 * 2**20  # the dequantized slice of W; fixed, since CUDA graphs keep its address
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _launch_dequant_matmul(
+    x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    n, k = x.shape
+    m = w.shape[0]
+    key = (x.device, x.dtype)
+    if key not in _scratch:
+        _scratch[key] = torch.empty(SCRATCH_BYTES // 2, device=x.device, dtype=x.dtype)
+    bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
+    rows = min(m, SCRATCH_BYTES // (2 * k) // bm * bm)
+    dest = out if out is not None else x.new_empty(n, m)
+    for row0 in range(0, m, rows):
+        w_rows = _scratch[key][: min(rows, m - row0) * k].view(-1, k)
+        grid = (triton.cdiv(w_rows.shape[0], bm), k // bk)
+        _w4_dequant_kernel[grid](
+            w.qweight, w.scales, w.bias, w_rows, m, k, row0, ONE_BITS, G=w.group_size, BLOCK_M=bm, BLOCK_K=bk
+        )
+        if rows == m:
+            torch.mm(x, w_rows.t(), out=dest)
+        else:
+            dest[:, row0 : row0 + w_rows.shape[0]] = x @ w_rows.t()
+    return dest
+
+
+def _splits(tiles: int, iters: int, sms: int) -> list[int]:
+    """Splits along K worth trying: none, and enough to give every SM two programs (at least 2 iterations
+    each), and half that."""
+    want = min(max(1, -(-2 * sms // tiles)), max(1, iters // 2))
+    return sorted({1, want, max(1, want // 2)})
+
+
+def _gemv_configs(m: int, k: int, g: int, sms: int) -> list[dict]:
     if interpreting():
-        return [dict(BLOCK_M=16, BLOCK_K=tiles[0], SPLIT_K=2, num_warps=4, num_stages=1)]
+        return [dict(BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1)]
     return [
-        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
-        for bm in (16, 32, 64)
-        for bk in tiles[:2]
-        for sk in (1, 2, 4, 8)
-        for w in (4, 8)
-        for st in (2, 4)
-        if sk <= k // bk
+        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
+        for bm in (64, 128, 256)
+        for bk in sorted({min(64, g), g})
+        for sk in _splits(triton.cdiv(m, bm), k // bk, sms)
+        for st in (3, 5)
     ]
+
+
+def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
+    if interpreting():
+        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
+    if n <= 16:
+        shapes = [(16, bm, bk, 4, st) for bm in (64, 128) for bk in sorted({min(64, g), g}) for st in (3, 5)]
+    elif n <= 64:
+        shapes = [(bn, bm, bk, 4, 4) for bn in (32, 64) for bm in (64, 128) for bk in sorted({min(64, g), g})]
+    else:
+        shapes = [
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 128, 128, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 256, 128, 8, 3),
+        ]
+    configs = [dict(DEQUANT=True, BLOCK_M=32, BLOCK_K=g)] if n >= 128 else []
+    for bn, bm, bk, w, st in sorted({(bn, bm, min(bk, g), w, st) for bn, bm, bk, w, st in shapes}):
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        splits = _splits(tiles, k // bk, sms) if n <= 64 else [1]
+        configs += [
+            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
+        ]
+    return configs
 
 
 def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,6 +351,7 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         m,
         k,
         split,
+        ONE_BITS,
         G=w.group_size,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -239,57 +364,34 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     return dest
 
 
-def _configs(path: str, n: int, g: int) -> list[dict]:
-    """Candidate block shapes; BLOCK_K never exceeds the group size (one scale per row and iteration)."""
-    if path == "gemv":
-        if interpreting():
-            return [dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1)]
-        shapes = [(bm, bk, sk) for bm in (16, 32, 64) for bk in sorted({min(64, g), g}) for sk in (1, 2, 4)]
-        return [
-            dict(BLOCK_N=16, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
-            for bm, bk, sk in shapes
-            for st in (3, 5)
-        ]
-    if interpreting():
-        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
-    shapes = {
-        (bn, bm, min(bk, g), w, st)
-        for bn, bm, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 128, 8, 3),
-            (64, 128, 128, 4, 4),
-            (128, 256, 64, 8, 3),
-            (64, 256, 64, 8, 4),
-            (256, 128, 64, 8, 3),
-            (64, 64, 128, 4, 4),
-        ]
-    }
-    return [
-        dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=1, num_warps=w, num_stages=st)
-        for bn, bm, bk, w, st in sorted(shapes)
-    ]
-
-
-_tuner = DiskTuner("w4a16_matmul")
-
-
-def _n_bucket(n: int) -> int:
-    return n if n <= GEMV_MAX_N else min(triton.next_power_of_2(n), 4096)
-
-
-def _launch(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = x.shape
     m = w.shape[0]
     split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(n, m)
     acc = torch.zeros(n, m, device=x.device, dtype=torch.float32) if split > 1 else dest
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
-    _w4a16_kernel[grid](
-        x, w.qweight, w.scales, w.bias, acc, n, m, k, x.stride(0), acc.stride(0), G=w.group_size, **cfg
+    _w4_gemm_kernel[grid](
+        x,
+        w.qweight,
+        w.scales,
+        w.bias,
+        acc,
+        n,
+        m,
+        k,
+        x.stride(0),
+        acc.stride(0),
+        ONE_BITS,
+        G=w.group_size,
+        **cfg,
     )
     if split > 1:
         dest.copy_(acc)
     return dest
+
+
+_tuner = DiskTuner("w4a16_matmul")
 
 
 def w4a16_matmul(
@@ -316,13 +418,20 @@ def w4a16_matmul(
         check_tensor("out", out, dtypes=(x.dtype,), shape=(*lead, m), device=x.device, contiguous=True)
     if n == 0:
         return x.new_empty(*lead, m) if out is None else out
-    path = "gemv1" if n == 1 else "gemv" if n <= GEMV_MAX_N else "gemm"
-    launch = _launch_gemv if n == 1 else _launch
     if config is None:
-        key = f"{path}:{_n_bucket(n)}:{m}:{k}:{w.group_size}:{x.dtype}:{num_sms(x.device)}"
-        configs = _gemv_configs(m, k, w.group_size) if n == 1 else _configs(path, n, w.group_size)
-        config = _tuner.pick(key, configs, lambda c: launch(x2, w, c))
-    return launch(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
+        sms = num_sms(x.device)
+        bucket = 1 if n == 1 else max(16, min(triton.next_power_of_2(n), 4096))
+        key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
+        g = w.group_size
+        configs = _gemv_configs(m, k, g, sms) if n == 1 else _gemm_configs(bucket, m, k, g, sms)
+        config = _tuner.pick(key, configs, lambda c: _launcher(n, c)(x2, w, c))
+    return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
+
+
+def _launcher(n: int, config: dict) -> Callable:
+    if n == 1:
+        return _launch_gemv
+    return _launch_dequant_matmul if config.get("DEQUANT") else _launch_gemm
 
 
 def w4a16_matmul_ref(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:

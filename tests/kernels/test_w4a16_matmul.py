@@ -40,9 +40,9 @@ def test_gemv_group_sizes(n, g, device, rel_err):
     run_case(n, 40, 3 * 128, g, device, rel_err, seed=g + n)
 
 
-@pytest.mark.parametrize("n", [mod.GEMV_MAX_N - 1, mod.GEMV_MAX_N, mod.GEMV_MAX_N + 1])
-def test_switch_point(n, device, rel_err):
-    """Both sides of the N at which the memory-bound tiling hands over to the tensor-core tiling."""
+@pytest.mark.parametrize("n", [1, 2, 16, 17])
+def test_switch_points(n, device, rel_err):
+    """Both sides of the GEMV -> tensor-core switch (N = 1 -> 2) and of the first tuning bucket (16)."""
     run_case(n, 24, 192, 64, device, rel_err, seed=n)
 
 
@@ -61,13 +61,31 @@ def test_split_k(split_k, device, rel_err):
 
 
 @pytest.mark.parametrize(
-    ("g", "block_k", "split_k"), [(32, 256, 1), (64, 256, 3), (128, 512, 2), (128, 128, 1)]
+    ("g", "block_k", "split_k"), [(32, 32, 1), (64, 64, 3), (128, 64, 2), (128, 128, 5)]
 )
-def test_gemv_wide_k_tiles(g, block_k, split_k, device, rel_err):
-    """N = 1 with K tiles of several groups (ragged M, splits that do not divide the tiles evenly)."""
+def test_gemv_tiles(g, block_k, split_k, device, rel_err):
+    """N = 1 with K tiles of a group or part of one (ragged M, splits that do not divide the tiles evenly)."""
     cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
     run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
+
+
+def test_gemv_bfloat16(device, rel_err):
+    w = random_int4(40, 256, 64, seed=3)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    out = mod.w4a16_matmul(x.to(device), mod.prepack(w.to(device)))
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < 1e-2
+
+
+def test_prepack_places_each_channel_in_its_nibble():
+    """Word w of a row holds channels 8w..8w+7 at the bit offsets the kernels read them from."""
+    w = random_int4(3, 64, 32, seed=7)
+    words = mod.prepack(w).qweight.long() & 0xFFFFFFFF
+    q = w.unpack().long().view(3, 8, 8)
+    shifts = torch.tensor(mod._NIBBLE_SHIFT)
+    assert torch.equal((words[:, :, None] >> shifts) & 15, q)
+    assert sorted(mod._NIBBLE_SHIFT) == list(range(0, 32, 4))
 
 
 def test_leading_dims(device):
@@ -94,3 +112,14 @@ def test_errors(device):
                 96,
             )
         )
+
+
+@pytest.mark.parametrize("scratch_rows", [None, 32])
+def test_dequantize_then_matmul(scratch_rows, device, rel_err, monkeypatch):
+    """The large-N path: W dequantized into the scratch buffer (in slices when it does not fit) and one
+    matmul per slice."""
+    if scratch_rows is not None:
+        monkeypatch.setattr(mod, "SCRATCH_BYTES", scratch_rows * 2 * 256)
+        monkeypatch.setattr(mod, "_scratch", {})
+    cfg = dict(DEQUANT=True, BLOCK_M=16, BLOCK_K=64)
+    run_case(33, 80, 256, 64, device, rel_err, config=cfg, seed=11)
