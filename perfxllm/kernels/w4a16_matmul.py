@@ -117,12 +117,30 @@ def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
 
 
 @triton.jit
+def _finish_split(acc, mask, out_ptrs, ws_ptrs, count_ptr, num_splits):
+    """Split-K epilogue with no launch before or after: each split adds its partial sums into a zeroed fp32
+    workspace, and the last split to arrive at the output tile writes the total and leaves the workspace
+    and the tile's arrival counter at zero for the next launch."""
+    tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+    tl.debug_barrier()  # every thread's partial sums are in before the arrival is counted
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        # read and zero in one atomic, on the bits (the interpreter has no float exchange)
+        bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), 0, mask=mask, sem="relaxed")
+        total = bits.to(tl.float32, bitcast=True)
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr,
     qw_ptr,
     s_ptr,
     b_ptr,
     out_ptr,
+    ws_ptr,
+    count_ptr,
     M,
     K,
     split_k,
@@ -130,7 +148,6 @@ def _w4_gemv_kernel(
     G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -171,10 +188,10 @@ def _w4_gemv_kernel(
         acc_bias += b * tl.sum(x_lo_sum + x_hi_sum, axis=0)
 
     out = tl.sum(acc, axis=1) + acc_bias
-    if ATOMIC:
-        tl.atomic_add(out_ptr + offs_m, out, mask=mask_m, sem="relaxed")
-    else:
+    if split_k == 1:
         tl.store(out_ptr + offs_m, out.to(out_ptr.dtype.element_ty), mask=mask_m)
+    else:
+        _finish_split(out, mask_m, out_ptr + offs_m, ws_ptr + offs_m, count_ptr + pid_m, split_k)
 
 
 @triton.jit
@@ -184,6 +201,8 @@ def _w4_gemm_kernel(
     s_ptr,
     b_ptr,
     out_ptr,
+    ws_ptr,
+    count_ptr,
     N,
     M,
     K,
@@ -229,7 +248,9 @@ def _w4_gemm_kernel(
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+        ws_ptrs = ws_ptr + offs_n[None, :] * M + offs_m[:, None]
+        count = count_ptr + pid_n * tl.num_programs(1) + pid_m
+        _finish_split(acc, mask, out_ptrs, ws_ptrs, count, SPLIT_K)
 
 
 @triton.jit
@@ -291,9 +312,34 @@ def _launch_dequant_matmul(
     return dest
 
 
-def _splits(tiles: int, iters: int, sms: int) -> list[int]:
-    """Splits along K worth trying: none, and enough to give every SM two programs (at least 2 iterations
-    each), and half that."""
+# Split-K partial sums and per-tile arrival counters, zero between launches (see _finish_split). Allocated
+# once per device and never moved, since CUDA graphs keep their addresses.
+SPLIT_WS_FLOATS = 2**21
+SPLIT_WS_TILES = 2**14
+_split_ws: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_fits(outputs: int, tiles: int) -> bool:
+    return outputs <= SPLIT_WS_FLOATS and tiles <= SPLIT_WS_TILES
+
+
+def _split_workspace(device: torch.device, outputs: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace and counters for a split-K launch of `outputs` values in `tiles` output tiles."""
+    if not _split_fits(outputs, tiles):
+        raise ValueError(f"split-K over {outputs} outputs in {tiles} tiles exceeds the workspace")
+    if device not in _split_ws:
+        _split_ws[device] = (
+            torch.zeros(SPLIT_WS_FLOATS, device=device),
+            torch.zeros(SPLIT_WS_TILES, dtype=torch.int32, device=device),
+        )
+    return _split_ws[device]
+
+
+def _splits(tiles: int, iters: int, sms: int, outputs: int) -> list[int]:
+    """Splits along K worth trying: none, and (where the workspace holds the outputs) enough to give every
+    SM two programs (at least 2 iterations each), and half that."""
+    if not _split_fits(outputs, tiles):
+        return [1]
     want = min(max(1, -(-2 * sms // tiles)), max(1, iters // 2))
     return sorted({1, want, max(1, want // 2)})
 
@@ -305,7 +351,7 @@ def _gemv_configs(m: int, k: int, g: int, sms: int) -> list[dict]:
         dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
         for bm in (64, 128, 256)
         for bk in sorted({min(64, g), g})
-        for sk in _splits(triton.cdiv(m, bm), k // bk, sms)
+        for sk in _splits(triton.cdiv(m, bm), k // bk, sms, m)
         for st in (3, 5)
     ]
 
@@ -329,7 +375,7 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     configs = [dict(DEQUANT=True, BLOCK_M=32, BLOCK_K=g)] if n >= 128 else []
     for bn, bm, bk, w, st in sorted({(bn, bm, min(bk, g), w, st) for bn, bm, bk, w, st in shapes}):
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        splits = _splits(tiles, k // bk, sms) if n <= 64 else [1]
+        splits = _splits(tiles, k // bk, sms, n * m) if n <= 64 else [1]
         configs += [
             dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
         ]
@@ -340,14 +386,16 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     m, k = w.shape
     split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(1, m)
-    acc = torch.zeros(1, m, device=x.device, dtype=torch.float32) if split > 1 else dest
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
+    ws, counts = _split_workspace(x.device, m, grid[0] if split > 1 else 0)
     _w4_gemv_kernel[grid](
         x,
         w.qweight,
         w.scales,
         w.bias,
-        acc,
+        dest,
+        ws,
+        counts,
         m,
         k,
         split,
@@ -355,39 +403,35 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         G=w.group_size,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
-        ATOMIC=split > 1,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    if split > 1:
-        dest.copy_(acc)
     return dest
 
 
 def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = x.shape
     m = w.shape[0]
-    split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(n, m)
-    acc = torch.zeros(n, m, device=x.device, dtype=torch.float32) if split > 1 else dest
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), split)
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_K"])
+    ws, counts = _split_workspace(x.device, n * m, grid[0] * grid[1] if cfg["SPLIT_K"] > 1 else 0)
     _w4_gemm_kernel[grid](
         x,
         w.qweight,
         w.scales,
         w.bias,
-        acc,
+        dest,
+        ws,
+        counts,
         n,
         m,
         k,
         x.stride(0),
-        acc.stride(0),
+        dest.stride(0),
         ONE_BITS,
         G=w.group_size,
         **cfg,
     )
-    if split > 1:
-        dest.copy_(acc)
     return dest
 
 

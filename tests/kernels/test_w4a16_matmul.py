@@ -58,6 +58,15 @@ def test_float_minimum_zeros(device, rel_err):
 def test_split_k(split_k, device, rel_err):
     cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg)
+    run_case(2, 20, 224, 32, device, rel_err, config=cfg, seed=1)  # again, on the workspace left behind
+    assert_split_workspace_clean(device)
+
+
+def assert_split_workspace_clean(device):
+    """The last split of each tile leaves the partial sums and the arrival counters at zero."""
+    if torch.device(device) in mod._split_ws:
+        ws, counts = mod._split_ws[torch.device(device)]
+        assert not ws.any() and not counts.any()
 
 
 @pytest.mark.parametrize(
@@ -68,6 +77,7 @@ def test_gemv_tiles(g, block_k, split_k, device, rel_err):
     cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
     run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
+    assert_split_workspace_clean(device)
 
 
 def test_gemv_bfloat16(device, rel_err):
