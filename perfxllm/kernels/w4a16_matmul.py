@@ -324,8 +324,9 @@ def _split_fits(outputs: int, tiles: int) -> bool:
 
 
 def _split_workspace(device: torch.device, outputs: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The workspace and counters for a split-K launch of `outputs` values in `tiles` output tiles."""
-    if not _split_fits(outputs, tiles):
+    """The workspace and counters for a split-K launch of `outputs` values in `tiles` output tiles (0 tiles:
+    no split; the kernel gets the pointers and leaves them alone)."""
+    if tiles and not _split_fits(outputs, tiles):
         raise ValueError(f"split-K over {outputs} outputs in {tiles} tiles exceeds the workspace")
     if device not in _split_ws:
         _split_ws[device] = (

@@ -62,6 +62,17 @@ def test_split_k(split_k, device, rel_err):
     assert_split_workspace_clean(device)
 
 
+def test_unsplit_launches_ignore_the_workspace_size(device, rel_err, monkeypatch):
+    """Only a split launch needs its outputs to fit the split-K workspace."""
+    monkeypatch.setattr(mod, "SPLIT_WS_FLOATS", 16)
+    gemv = dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
+    run_case(1, 40, 128, 64, device, rel_err, config=gemv)
+    gemm = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)
+    run_case(3, 40, 128, 32, device, rel_err, config=gemm)
+    with pytest.raises(ValueError, match="workspace"):
+        run_case(3, 40, 128, 32, device, rel_err, config={**gemm, "SPLIT_K": 2})
+
+
 def assert_split_workspace_clean(device):
     """The last split of each tile leaves the partial sums and the arrival counters at zero."""
     if torch.device(device) in mod._split_ws:
@@ -69,9 +80,7 @@ def assert_split_workspace_clean(device):
         assert not ws.any() and not counts.any()
 
 
-@pytest.mark.parametrize(
-    ("g", "block_k", "split_k"), [(32, 32, 1), (64, 64, 3), (128, 64, 2), (128, 128, 5)]
-)
+@pytest.mark.parametrize(("g", "block_k", "split_k"), [(32, 32, 1), (64, 64, 3), (128, 64, 2), (128, 128, 5)])
 def test_gemv_tiles(g, block_k, split_k, device, rel_err):
     """N = 1 with K tiles of a group or part of one (ragged M, splits that do not divide the tiles evenly)."""
     cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=1)
