@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from perfxllm.bench import current_commit
+from perfxllm.bench import copy_gbps, current_commit
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine, device_tag
 from perfxllm.layers.linear import Linear
@@ -26,22 +26,6 @@ from perfxllm.model.random_weights import PRESETS
 from perfxllm.sampling_params import SamplingParams
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
-
-
-def copy_gbps(device: torch.device) -> float:
-    """Device-to-device copy bandwidth, read + write, median of 20 copies of 1 GiB."""
-    src = torch.empty(2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        if i >= 5:
-            times.append(start.elapsed_time(end) / 1e3)
-    return 2 * src.numel() / statistics.median(times) / 1e9
 
 
 def weight_bytes_per_token(engine: Engine) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from perfxllm.bench import current_commit
+from perfxllm.bench import copy_gbps, current_commit
 
 W4_M, W4_K = 12288, 4096
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # (M out, K in)
@@ -82,13 +82,6 @@ class Runner:
         print(
             f"{op:22s} M={m:6d} K={k:6d} N={n:5d} {us:9.2f} us {r['gbps']:7.0f} GB/s {r['tflops']:6.1f} TF{speed}"
         )
-
-
-def copy_bandwidth() -> float:
-    src = torch.randn(256 * 1024 * 1024, device="cuda")  # 1 GiB
-    dst = torch.empty_like(src)
-    us = _bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / us / 1e3
 
 
 def bench_w4(r: Runner) -> None:
@@ -299,7 +292,7 @@ def main(argv: list[str]) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0)
     gpu = next((g for g in ("h100", "h200", "a100", "l40s", "4090") if g in name.lower()), "gpu")
-    copy = copy_bandwidth()
+    copy = copy_gbps(torch.device("cuda"))
     print(f"{name}: device-to-device copy {copy:.0f} GB/s", flush=True)
     r = Runner(copy)
     sections = {
