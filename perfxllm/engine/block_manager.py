@@ -101,12 +101,17 @@ class BlockManager:
         """After a step: hash the blocks it filled, so that later prompts can reuse them."""
         if not self.enable_prefix_caching:
             return
-        prev_hash = None
-        for i in range(seq.num_computed_tokens // self.block_size):
+        # A sequence's hashed blocks are a prefix of its table (cached ones, then those filled and hashed in
+        # order; a block of a running sequence keeps its hash): only the full blocks after them are new.
+        full = seq.num_computed_tokens // self.block_size
+        first = full
+        while first > 0 and self.blocks[seq.block_table[first - 1]].hash is None:
+            first -= 1
+        prev_hash = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for i in range(first, full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is None:
-                tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
-                self._register(block, hash((prev_hash, tokens)), tokens)
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            self._register(block, hash((prev_hash, tokens)), tokens)
             prev_hash = block.hash
 
     def free(self, seq: Sequence) -> None:

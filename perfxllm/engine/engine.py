@@ -206,7 +206,7 @@ class Engine:
             text, hit_stop = detok.add(token)
             if hit_stop:
                 reason = "stop"
-            elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
                 reason = "length"
                 text += detok.flush()
         out = RequestOutput(
@@ -216,7 +216,7 @@ class Engine:
             reason is not None,
             reason,
             seq.num_prompt_tokens,
-            len(seq.output_ids),
+            seq.num_output_tokens,
             seq.num_cached_tokens,
             [sample] if p.logprobs is not None else [],
         )

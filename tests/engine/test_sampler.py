@@ -133,7 +133,7 @@ def test_repetition_penalty_matches_transformers():
     prompt, output = [3, 7, 7, 12], [12, 20, 5]
     s = seq(prompt, output, repetition_penalty=1.7)
     ours = logits.clone()
-    apply_penalties(ours, s)
+    apply_penalties(ours[None], [s])
     ref = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits.clone()[None])[0]
     assert torch.allclose(ours, ref)
     seen = {3, 7, 12, 20, 5}
@@ -156,21 +156,21 @@ def test_repetition_penalty_changes_what_is_sampled():
     # A token in the prompt loses probability; the negative one goes further down (-3 * 2).
     raw = torch.tensor([2.0, 1.5, 0.0, -3.0])
     penalised = raw.clone()
-    apply_penalties(penalised, seqs[1])
+    apply_penalties(penalised[None], seqs[1:])
     assert penalised.tolist() == [1.0, 1.5, 0.0, -6.0]
     assert torch.softmax(penalised, -1)[0] < torch.softmax(raw, -1)[0]
 
 
 def test_repetition_penalty_below_one_encourages():
     row = torch.tensor([2.0, -2.0, 1.0])
-    apply_penalties(row, seq([0, 1], repetition_penalty=0.5))
+    apply_penalties(row[None], [seq([0, 1], repetition_penalty=0.5)])
     assert row.tolist() == [4.0, -1.0, 1.0]
 
 
 def test_presence_and_frequency_penalties_openai_formula_on_output_only():
     logits = torch.zeros(10)
     s = seq([4, 4, 4, 9], [1, 1, 1, 2, 9], presence_penalty=0.25, frequency_penalty=0.5)
-    apply_penalties(logits, s)
+    apply_penalties(logits[None], [s])
     expected = torch.zeros(10)
     expected[1] -= 3 * 0.5 + 0.25
     expected[2] -= 1 * 0.5 + 0.25
@@ -181,10 +181,10 @@ def test_presence_and_frequency_penalties_openai_formula_on_output_only():
 
 def test_presence_penalty_alone_and_negative_values():
     logits = torch.zeros(5)
-    apply_penalties(logits, seq([0], [3, 3], presence_penalty=-1.0))
+    apply_penalties(logits[None], [seq([0], [3, 3], presence_penalty=-1.0)])
     assert logits.tolist() == [0.0, 0.0, 0.0, 1.0, 0.0]
     logits = torch.zeros(5)
-    apply_penalties(logits, seq([0], [3, 3, 2], frequency_penalty=1.0))
+    apply_penalties(logits[None], [seq([0], [3, 3, 2], frequency_penalty=1.0)])
     assert logits.tolist() == [0.0, 0.0, -1.0, -2.0, 0.0]
 
 
@@ -200,8 +200,43 @@ def test_penalties_change_greedy_choice_and_stay_per_row():
 
 def test_no_output_no_presence_penalty():
     logits = torch.zeros(4)
-    apply_penalties(logits, seq([1, 2, 3], presence_penalty=2.0, frequency_penalty=2.0))
+    apply_penalties(logits[None], [seq([1, 2, 3], presence_penalty=2.0, frequency_penalty=2.0)])
     assert logits.tolist() == [0.0] * 4
+
+
+def penalise_row_ref(row: torch.Tensor, s: Sequence) -> None:
+    """The penalties on one row, the whole vocabulary at a time (as first written)."""
+    p = s.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(s.token_ids)))
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+        counts = torch.bincount(torch.tensor(s.output_ids), minlength=row.shape[0])
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def test_batched_penalties_equal_one_row_at_a_time_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    settings = [
+        {},
+        {"repetition_penalty": 1.3},
+        {"repetition_penalty": 0.7, "frequency_penalty": 0.4},
+        {"presence_penalty": -0.6, "frequency_penalty": 1.1},
+        {"repetition_penalty": 1.3, "presence_penalty": 2.0},
+    ]
+    seqs = []
+    for i in range(40):
+        prompt = torch.randint(60, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        output = torch.randint(60, (int(torch.randint(0, 30, (1,), generator=g)),), generator=g).tolist()
+        seqs.append(seq(prompt, output, rid=f"r{i}", **settings[i % len(settings)]))
+    logits = (torch.randn(60, len(seqs), generator=g) * 4).t()  # not contiguous, as tensor-parallel's are
+    logits[0, 3], logits[1, 5] = float("inf"), float("-inf")
+    expected = logits.clone()
+    for row, s in zip(expected, seqs):
+        penalise_row_ref(row, s)
+    apply_penalties(logits, seqs)
+    assert torch.equal(logits, expected)
 
 
 # -- seeds ----------------------------------------------------------------------------------------------
