@@ -43,6 +43,12 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     return dict(totals)
 
 
+def quant_label(model: torch.nn.Module, dtype: torch.dtype) -> str:
+    """The packed weight formats (e.g. 'int4 g32'), or the dtype of a dense model."""
+    packed = sorted(f for f in weight_bytes_by_format(model) if f not in ("float32", "float16", "bfloat16"))
+    return "+".join(packed) or str(dtype).removeprefix("torch.")
+
+
 def estimate_weight_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
     """Weight bytes by format of the model quantized each way (projections of the decoder layers; embeddings
     and norms fp16; lm_head fp16 unless tied, and int4 in the last variant), computed from the packed shapes

@@ -251,15 +251,15 @@ def run_offline(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple
     from perfxllm.cli import engine_options
     from perfxllm.engine.config import EngineConfig
     from perfxllm.engine.engine import Engine, device_tag
+    from perfxllm.info import quant_label
     from perfxllm.sampling_params import SamplingParams
-    from perfxllm.server.app import quant_label
 
     engine = Engine(EngineConfig(model=args.model, **engine_options(args)))
     info = {
         "model": Path(engine.model_path).name,
         "device": device_tag(engine.device),
         "dtype": str(engine.dtype).removeprefix("torch."),
-        "quant": quant_label(engine),
+        "quant": quant_label(engine.model, engine.dtype),
     }
     engine.add_request(engine.tokenizer.encode("Warm up"), SamplingParams(max_tokens=4, temperature=0))
     while engine.has_unfinished():

@@ -21,7 +21,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.staticfiles import StaticFiles
 
 from perfxllm.engine.engine import Engine, device_tag
-from perfxllm.info import weight_bytes_by_format
+from perfxllm.info import quant_label
 from perfxllm.server.async_engine import AsyncEngine
 from perfxllm.server.disconnect import cancel_on_disconnect
 from perfxllm.server.metrics import Metrics
@@ -29,7 +29,6 @@ from perfxllm.server.protocol import APIError, ChatCompletionRequest, Completion
 from perfxllm.server.serving import OpenAIServing
 
 M = TypeVar("M", bound=BaseModel)
-DENSE_DTYPES = {"float32", "float16", "bfloat16"}
 STATIC_DIR = Path(__file__).parent / "static"  # PerfXChat in the browser: plain HTML, JS and CSS
 
 
@@ -48,7 +47,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
             "model": model_name,
             "device": device_tag(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),
-            "quant": quant_label(engine),
+            "quant": quant_label(engine.model, engine.dtype),
         }
     )
     async_engine = AsyncEngine(engine, config.max_queue, metrics)
@@ -158,9 +157,3 @@ async def read_json(request: Request, model: type[M], limit: int) -> M:
         return model.model_validate_json(body)
     except ValidationError as e:
         raise validation_error(e) from None
-
-
-def quant_label(engine: Engine) -> str:
-    """The packed weight formats (e.g. 'int4 g32'), or the dtype of a dense model."""
-    packed = sorted(f for f in weight_bytes_by_format(engine.model) if f not in DENSE_DTYPES)
-    return "+".join(packed) or str(engine.dtype).removeprefix("torch.")
