@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,12 +128,30 @@ def bench_engine(
     return rows
 
 
+def _kernel_times(run: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    """GPU time of every kernel that run() launches (torch.profiler): (total ms, the top 12 by name)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name[:80]] = kernels.get(e.name[:80], 0.0) + e.device_time_total / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    return round(sum(kernels.values()), 3), {k: round(v, 4) for k, v in top}
+
+
 def step_breakdown(engine: Engine, prompt_len: int) -> dict:
-    """Where a batch-1 decode step's time goes: the whole engine step, the graph replay alone (GPU time),
-    and the top kernels of one eager step (torch.profiler)."""
+    """Where batch-1 time goes: the prefill step (wall time, then its kernels' GPU time from a second,
+    profiled prefill), a decode step (the whole engine step, the graph replay alone) and the top kernels of
+    one eager decode step."""
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     engine.add_request(list(range(3, 3 + prompt_len)), params)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     engine.step()  # prefill
+    torch.cuda.synchronize()
+    prefill_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(4):
         engine.step()
     torch.cuda.synchronize()
@@ -151,23 +170,23 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
         end.record()
         end.synchronize()
         replay_ms = start.elapsed_time(end) / 20
-    runner_graphs, engine.runner.graphs = engine.runner.graphs, None  # one eager step, profiled
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.step()
-        torch.cuda.synchronize()
+    runner_graphs, engine.runner.graphs = engine.runner.graphs, None
+    decode_total, decode_top = _kernel_times(engine.step)  # one eager decode step
     engine.runner.graphs = runner_graphs
     while engine.has_unfinished():
         engine.step()
-    kernels: dict[str, float] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:80]] = kernels.get(e.name[:80], 0.0) + e.device_time_total / 1e3
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:12]
+    engine.add_request(list(range(4, 4 + prompt_len)), params)
+    prefill_total, prefill_top = _kernel_times(engine.step)
+    while engine.has_unfinished():
+        engine.step()
     return {
+        "prefill_step_ms": round(prefill_ms, 3),
+        "prefill_kernel_total_ms": prefill_total,
+        "prefill_kernels_ms": prefill_top,
         "engine_step_ms": round(step_ms, 3),
         "graph_replay_ms": None if replay_ms is None else round(replay_ms, 3),
-        "eager_step_kernels_ms": {k: round(v, 4) for k, v in top},
-        "eager_step_kernel_total_ms": round(sum(kernels.values()), 3),
+        "eager_step_kernels_ms": decode_top,
+        "eager_step_kernel_total_ms": decode_total,
     }
 
 
