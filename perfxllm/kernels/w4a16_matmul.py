@@ -117,6 +117,15 @@ def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
 
 
 @triton.jit
+def _split_range(pid_k, num_splits, K, BLOCK_K: tl.constexpr):
+    """The K tiles [start, end) of split pid_k."""
+    num_iters = K // BLOCK_K
+    per_split = tl.cdiv(num_iters, num_splits)
+    start = pid_k * per_split
+    return start, tl.minimum(start + per_split, num_iters)
+
+
+@triton.jit
 def _finish_split(acc, mask, out_ptrs, ws_ptrs, count_ptr, num_splits):
     """Split-K epilogue with no launch before or after: each split adds its partial sums into a zeroed fp32
     workspace, and the last split to arrive at the output tile writes the total and leaves the workspace
@@ -157,10 +166,7 @@ def _w4_gemv_kernel(
     mask_m = offs_m < M
     word_x = tl.arange(0, W) * 8  # first input channel of each word of a tile
 
-    num_iters = K // BLOCK_K
-    per_split = tl.cdiv(num_iters, split_k)
-    it_start = pid_k * per_split
-    it_end = tl.minimum(it_start + per_split, num_iters)
+    it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
     acc = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
@@ -225,10 +231,7 @@ def _w4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
-    num_iters = K // BLOCK_K
-    per_split = tl.cdiv(num_iters, SPLIT_K)
-    it_start = pid_k * per_split
-    it_end = tl.minimum(it_start + per_split, num_iters)
+    it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
     x_ptrs = x_ptr + offs_n[:, None] * stride_xn + tl.arange(0, BLOCK_K)[None, :]
