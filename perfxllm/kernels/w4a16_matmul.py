@@ -234,7 +234,7 @@ def _w4_gemm_kernel(
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, BLOCK_K // 8)[None, :]
-    x_ptrs = x_ptr + offs_n[:, None] * stride_xn + tl.arange(0, BLOCK_K)[None, :]
+    x_ptrs = x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
@@ -246,7 +246,7 @@ def _w4_gemm_kernel(
         x = tl.load(x_ptrs + k0, mask=mask_n[:, None], other=0)
         acc = tl.dot(w, tl.trans(x), acc)
 
-    out_ptrs = out_ptr + offs_n[None, :] * stride_on + offs_m[:, None]
+    out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -294,6 +294,7 @@ _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 def _launch_dequant_matmul(
     x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None
 ) -> torch.Tensor:
+    _check_config(w, cfg)
     n, k = x.shape
     m = w.shape[0]
     key = (x.device, x.dtype)
@@ -329,14 +330,21 @@ def _split_fits(outputs: int, tiles: int) -> bool:
 def _split_workspace(device: torch.device, outputs: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The workspace and counters for a split-K launch of `outputs` values in `tiles` output tiles (0 tiles:
     no split; the kernel gets the pointers and leaves them alone)."""
-    if tiles and not _split_fits(outputs, tiles):
-        raise ValueError(f"split-K over {outputs} outputs in {tiles} tiles exceeds the workspace")
     if device not in _split_ws:
         _split_ws[device] = (
             torch.zeros(SPLIT_WS_FLOATS, device=device),
             torch.zeros(SPLIT_WS_TILES, dtype=torch.int32, device=device),
         )
-    return _split_ws[device]
+    ws, counts = _split_ws[device]
+    if tiles and (outputs > ws.numel() or tiles > counts.numel()):
+        raise ValueError(f"split-K over {outputs} outputs in {tiles} tiles exceeds the workspace")
+    return ws, counts
+
+
+def _check_config(w: W4Packed, cfg: dict) -> None:
+    """The kernels take one group's scale per K tile: a tile must lie within a group."""
+    if w.group_size % cfg["BLOCK_K"]:
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must divide the group size {w.group_size}")
 
 
 def _splits(tiles: int, iters: int, sms: int, outputs: int) -> list[int]:
@@ -387,6 +395,7 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
 
 
 def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    _check_config(w, cfg)
     m, k = w.shape
     split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(1, m)
@@ -414,6 +423,7 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
 
 
 def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
+    _check_config(w, cfg)
     n, k = x.shape
     m = w.shape[0]
     dest = out if out is not None else x.new_empty(n, m)

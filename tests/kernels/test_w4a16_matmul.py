@@ -65,6 +65,7 @@ def test_split_k(split_k, device, rel_err):
 def test_unsplit_launches_ignore_the_workspace_size(device, rel_err, monkeypatch):
     """Only a split launch needs its outputs to fit the split-K workspace."""
     monkeypatch.setattr(mod, "SPLIT_WS_FLOATS", 16)
+    monkeypatch.setattr(mod, "_split_ws", {})  # a workspace of that size, dropped after the test
     gemv = dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
     run_case(1, 40, 128, 64, device, rel_err, config=gemv)
     gemm = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)
@@ -75,9 +76,28 @@ def test_unsplit_launches_ignore_the_workspace_size(device, rel_err, monkeypatch
 
 def assert_split_workspace_clean(device):
     """The last split of each tile leaves the partial sums and the arrival counters at zero."""
-    if torch.device(device) in mod._split_ws:
-        ws, counts = mod._split_ws[torch.device(device)]
+    assert mod._split_ws
+    for ws, counts in mod._split_ws.values():
         assert not ws.any() and not counts.any()
+
+
+def test_config_tiles_must_lie_within_a_group(device, rel_err):
+    cfg = dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must divide the group size 32"):
+        run_case(1, 16, 128, 32, device, rel_err, config=cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot is wrong in the Triton interpreter")
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_tensor_cores_bfloat16(split_k, rel_err):
+    w = random_int4(72, 384, 64, seed=9)
+    x = torch.randn(5, 384, generator=torch.Generator().manual_seed(10)).bfloat16()
+    cfg = dict(BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    out = mod.w4a16_matmul(x.cuda(), mod.prepack(w.cuda()), config=cfg)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < 1e-2
+    assert_split_workspace_clean("cuda")
 
 
 @pytest.mark.parametrize(("g", "block_k", "split_k"), [(32, 32, 1), (64, 64, 3), (128, 64, 2), (128, 128, 5)])
