@@ -75,6 +75,7 @@ class DiskTuner:
         root = Path(os.environ.get("PERFXLLM_CACHE_DIR", Path.home() / ".cache" / "perfxllm"))
         self.path = root / f"{name}.json"
         self.best: dict[str, dict] | None = None
+        self.picked: dict[str, dict] = {}  # this process's choices: a repeat call builds no candidate list
 
     def _load(self) -> dict[str, dict]:
         if self.best is None:
@@ -84,12 +85,40 @@ class DiskTuner:
                 self.best = {}
         return self.best
 
-    def pick(self, key: str, configs: list[dict], run: Callable[[dict], object]) -> dict:
-        if interpreting() or len(configs) == 1:
-            return configs[0]
+    def pick(self, key: str, candidates: Callable[[], list[dict]], run: Callable[[dict], object]) -> dict:
+        """The config for key; candidates() is called only the first time this process sees the key."""
+        if key not in self.picked:
+            configs = candidates()
+            if interpreting() or len(configs) == 1:
+                self.picked[key] = configs[0]
+            else:
+                self.picked[key] = self._tuned(key, configs, run)
+        return self.picked[key]
+
+    def _tuned(self, key: str, configs: list[dict], run: Callable[[dict], object]) -> dict:
         best = self._load()
         if key in best and best[key] in configs:
             return best[key]
+        # do_bench_cudagraph runs on a stream of its own that does not wait for this one: without the wait,
+        # a config under test could share a workspace or scratch buffer with kernels still queued here.
+        torch.cuda.synchronize()
+        times = []
+        for cfg in configs:
+            try:
+                times.append(
+                    triton.testing.do_bench_cudagraph(lambda cfg=cfg: run(cfg), rep=5, return_mode="median")
+                )
+            except triton.runtime.errors.OutOfResources:
+                times.append(float("inf"))
+        best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(best, indent=1, sort_keys=True))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # an unwritable cache only costs re-tuning next time
+        return best[key]
         # do_bench_cudagraph runs on a stream of its own that does not wait for this one: without the wait,
         # a config under test could share a workspace or scratch buffer with kernels still queued here.
         torch.cuda.synchronize()

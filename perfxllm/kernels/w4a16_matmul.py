@@ -481,8 +481,11 @@ def w4a16_matmul(
         bucket = 1 if n == 1 else max(16, min(triton.next_power_of_2(n), 4096))
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
-        configs = _gemv_configs(m, k, g, sms) if n == 1 else _gemm_configs(bucket, m, k, g, sms)
-        config = _tuner.pick(key, configs, lambda c: _launcher(n, c)(x2, w, c))
+        config = _tuner.pick(
+            key,
+            lambda: _gemv_configs(m, k, g, sms) if n == 1 else _gemm_configs(bucket, m, k, g, sms),
+            lambda c: _launcher(n, c)(x2, w, c),
+        )
     return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
 
 

@@ -149,7 +149,7 @@ def w8a16_matmul(x: torch.Tensor, w: W8Packed, out: torch.Tensor | None = None) 
 
     bucket = n if n <= 16 else min(triton.next_power_of_2(n), 4096)
     key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{num_sms(x.device)}"
-    launch(_tuner.pick(key, _configs(n, w.group_size), launch))
+    launch(_tuner.pick(key, lambda: _configs(n, w.group_size), launch))
     return out
 
 
