@@ -16,6 +16,7 @@ from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
 from perfxllm.model.random_weights import PRESETS
 from perfxllm.model.registry import model_class
 from perfxllm.quant.formats import tensor_fields
+from perfxllm.quant.save import DENSE_DTYPES
 
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
@@ -45,7 +46,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
 def quant_label(model: torch.nn.Module, dtype: torch.dtype) -> str:
     """The packed weight formats (e.g. 'int4 g32'), or the dtype of a dense model."""
-    packed = sorted(f for f in weight_bytes_by_format(model) if f not in ("float32", "float16", "bfloat16"))
+    packed = sorted(f for f in weight_bytes_by_format(model) if f not in DENSE_DTYPES)
     return "+".join(packed) or str(dtype).removeprefix("torch.")
 
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.quant.formats import Int4Weight
+from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
 # Bit offset of input channel 8w + e within word w (see the module docstring).
@@ -57,7 +57,7 @@ class W4Packed:
 
     @property
     def format_name(self) -> str:
-        return f"int4 g{self.group_size}"
+        return int4_format_name(self.group_size, minima=False)  # minima and zero points are both bias here
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return w4a16_matmul(x, self)
