@@ -45,10 +45,13 @@ class ModelRunner:
         self.tp = tp  # set on rank 0 of a tensor-parallel group: it broadcasts each step to the others
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
-        inputs = StepInputs([], [], [], list(batch.num_new_tokens), [], [], [])
+        # sequences with one new token first: the GPU attends to them with flash-decoding, to the rest with
+        # prefill attention (AttentionMetadata.num_decodes)
+        order = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda seq_n: seq_n[1] != 1)
+        inputs = StepInputs([], [], [], [n for _, n in order], [], [], [])
         sampling: list[Sequence] = []
         bs = self.block_size
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n in order:
             start = seq.num_computed_tokens
             inputs.input_ids += seq.token_ids[start : start + n]
             pos = range(start, start + n)

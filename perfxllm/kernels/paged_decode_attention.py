@@ -120,9 +120,11 @@ def paged_decode_attention(
     max_context_len: int,
     scale: float | None = None,
     partition_size: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """See the module docstring. partition_size (a multiple of the key tile, 16 on the interpreter and 64
-    on the GPU): tokens per partition; by default sized so the grid fills the GPU."""
+    on the GPU): tokens per partition; by default sized so the grid fills the GPU. out: an optional
+    contiguous destination shaped and typed like q."""
     check_tensor("q", q, dtypes=(torch.float16, torch.bfloat16), ndim=3)
     if q.stride(-1) != 1:
         raise ValueError("q must have unit stride in its last dimension")
@@ -139,7 +141,9 @@ def paged_decode_attention(
     )
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must have unit stride in its last dimension")
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device, contiguous=True)
     if batch == 0 or max_context_len <= 0:
         return out
     block_n = 16 if interpreting() else 64

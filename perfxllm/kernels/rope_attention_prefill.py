@@ -107,8 +107,10 @@ def prefill_attention(
     block_tables: torch.Tensor,
     max_new_len: int | None = None,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The attention launch alone, on rotated q [T, Hq, D] with this chunk's K/V already in the cache."""
+    """The attention launch alone, on rotated q [T, Hq, D] with this chunk's K/V already in the cache.
+    out: an optional contiguous destination shaped and typed like q."""
     check_tensor("q", q_rot, ndim=3, contiguous=True)
     t, hq, d = q_rot.shape
     check_tensor("k_cache", k_cache, dtypes=(q_rot.dtype,), ndim=4, device=q_rot.device, contiguous=True)
@@ -127,7 +129,9 @@ def prefill_attention(
     )
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must have unit stride in its last dimension")
-    out = torch.empty_like(q_rot)
+    if out is None:
+        out = torch.empty_like(q_rot)
+    check_tensor("out", out, dtypes=(q_rot.dtype,), shape=(t, hq, d), device=q_rot.device, contiguous=True)
     if t == 0 or batch == 0:
         return out
     if max_new_len is None:

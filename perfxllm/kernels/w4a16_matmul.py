@@ -157,6 +157,7 @@ def _w4_gemv_kernel(
     G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,  # weight tiles in flight (cp.async into shared memory); 1: plain loads
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -171,7 +172,7 @@ def _w4_gemv_kernel(
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
     acc = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
     acc_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for it in range(it_start, it_end):
+    for it in tl.range(it_start, it_end, num_stages=STAGES):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
         grp = k0 // G
@@ -364,7 +365,7 @@ def _gemv_configs(m: int, k: int, g: int, sms: int) -> list[dict]:
         for bm in (64, 128, 256)
         for bk in sorted({min(64, g), g})
         for sk in _splits(triton.cdiv(m, bm), k // bk, sms, m)
-        for st in (3, 5)
+        for st in (1, 2, 4)
     ]
 
 
@@ -416,8 +417,8 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         G=w.group_size,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
+        STAGES=cfg["num_stages"],
         num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
     )
     return dest
 

@@ -10,7 +10,9 @@ path here, which is also their reference.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,21 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # int64 [T]
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     max_context_len: int  # a host int that sizes kernel grids: under a CUDA graph, an upper bound
+
+    @cached_property
+    def num_decodes(self) -> int:
+        """The leading sequences with one new token each: the GPU runs them through flash-decoding and the
+        rest through prefill attention (the model runner puts them first)."""
+        return next((i for i, n in enumerate(self.query_lens) if n != 1), len(self.query_lens))
+
+    @cached_property
+    def prefill_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cu_seqlens int32 [P+1] and cached_lens int32 [P] of the P sequences after the decodes: made once a
+        step, not once a layer (building a tensor from a list waits for the GPU)."""
+        lens = self.query_lens[self.num_decodes :]
+        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+        cu = cu.to(self.context_lens.device, non_blocking=True)
+        return cu, self.context_lens[self.num_decodes :] - (cu[1:] - cu[:-1])
 
 
 def block_table_tensor(block_tables: list[list[int]], device: torch.device | None = None) -> torch.Tensor:
@@ -61,20 +78,35 @@ def attention(
     from perfxllm.kernels.rope_cache_write import rope_cache_write
 
     q_rot = rope_cache_write(q, k, v, positions, cos_sin, k_cache, v_cache, meta.slot_mapping)
-    if max(meta.query_lens) == 1:
-        from perfxllm.kernels.paged_decode_attention import paged_decode_attention
-
-        return paged_decode_attention(
-            q_rot, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.max_context_len, scale
-        )
+    from perfxllm.kernels.paged_decode_attention import paged_decode_attention
     from perfxllm.kernels.rope_attention_prefill import prefill_attention
 
-    query_lens = torch.tensor(meta.query_lens, dtype=torch.int32, device=q.device)
-    cu_seqlens = F.pad(query_lens.cumsum(0, dtype=torch.int32), (1, 0))
-    cached_lens = meta.context_lens - query_lens
-    return prefill_attention(
-        q_rot, k_cache, v_cache, cu_seqlens, cached_lens, meta.block_tables, max(meta.query_lens), scale
-    )
+    decodes, out = meta.num_decodes, torch.empty_like(q_rot)
+    if decodes:
+        paged_decode_attention(
+            q_rot[:decodes],
+            k_cache,
+            v_cache,
+            meta.block_tables[:decodes],
+            meta.context_lens[:decodes],
+            meta.max_context_len,
+            scale,
+            out=out[:decodes],
+        )
+    if decodes < len(meta.query_lens):
+        cu_seqlens, cached_lens = meta.prefill_offsets
+        prefill_attention(
+            q_rot[decodes:],
+            k_cache,
+            v_cache,
+            cu_seqlens,
+            cached_lens,
+            meta.block_tables[decodes:],
+            max(meta.query_lens),
+            scale,
+            out=out[decodes:],
+        )
+    return out
 
 
 def write_kv_cache(

@@ -103,3 +103,41 @@ def test_errors(device):
         rope_cache_write(
             q, q[:, :2], q[:, :2], ctx.long(), torch.ones(4, 32, device=device), cache, cache, ctx
         )
+
+
+def test_mixed_step_dispatch(device, rel_err, monkeypatch):
+    """A step of decodes (first) and prompt chunks: `attention` runs flash-decoding on the first and prefill
+    attention on the rest, and matches the float32 torch path over the whole step."""
+    from perfxllm.layers import attention as attn
+
+    monkeypatch.setattr(attn.decode_ops_cpu, "available", lambda q: False)
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d = 4, 2, 32
+    cached, new = [4, 16, 30, 0, 7], [1, 1, 1, 6, 9]
+    total = [c + n for c, n in zip(cached, new)]
+    k_cache, v_cache, tables = make_paged(len(new), total, hkv, d, gen)
+    t = sum(new)
+    q = torch.randn(t, hq, d, generator=gen)
+    k = torch.randn(t, hkv, d, generator=gen)
+    v = torch.randn(t, hkv, d, generator=gen)
+    positions = torch.cat([c + torch.arange(n) for c, n in zip(cached, new)])
+    seq_of = torch.repeat_interleave(torch.arange(len(new)), torch.tensor(new))
+    cs = rope_cos_sin_cache(d, 64, 10000.0)
+
+    def run(dtype, dev):
+        meta = attn.AttentionMetadata(
+            query_lens=new,
+            context_lens=torch.tensor(total, dtype=torch.int32, device=dev),
+            slot_mapping=slots_of(tables, seq_of, positions).to(dev),
+            block_tables=tables.to(dev),
+            max_context_len=max(total),
+        )
+        kc, vc = k_cache.to(dev, dtype), v_cache.to(dev, dtype)
+        qkv = [x.to(dev, dtype) for x in (q, k, v)]
+        return attn.attention(*qkv, positions.to(dev), cs.to(dev), kc, vc, meta, d**-0.5), meta
+
+    ref, _ = run(torch.float32, "cpu")
+    monkeypatch.setattr(attn, "runs_on_kernels", lambda x: True)
+    out, meta = run(torch.float16, device)
+    assert meta.num_decodes == 3
+    assert rel_err(out, ref) < TOL

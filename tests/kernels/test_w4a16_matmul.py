@@ -100,10 +100,13 @@ def test_tensor_cores_bfloat16(split_k, rel_err):
     assert_split_workspace_clean("cuda")
 
 
-@pytest.mark.parametrize(("g", "block_k", "split_k"), [(32, 32, 1), (64, 64, 3), (128, 64, 2), (128, 128, 5)])
-def test_gemv_tiles(g, block_k, split_k, device, rel_err):
-    """N = 1 with K tiles of a group or part of one (ragged M, splits that do not divide the tiles evenly)."""
-    cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=1)
+@pytest.mark.parametrize(
+    ("g", "block_k", "split_k", "stages"), [(32, 32, 1, 1), (64, 64, 3, 2), (128, 64, 2, 4), (128, 128, 5, 1)]
+)
+def test_gemv_tiles(g, block_k, split_k, stages, device, rel_err):
+    """N = 1 with K tiles of a group or part of one (ragged M, splits that do not divide the tiles evenly),
+    with weight tiles loaded ahead or not."""
+    cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages)
     run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
     run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
     assert_split_workspace_clean(device)

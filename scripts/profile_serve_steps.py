@@ -1,0 +1,95 @@
+"""Where `perfxllm bench serve --offline` spends its time on the GPU, step by step.
+
+    PYTHONPATH=. python scripts/profile_serve_steps.py [--random-weights llama3-8b] [--quantization int4]
+        [--num-requests 1000] [--max-num-seqs 256] [--max-num-batched-tokens 8192] [--out steps.json]
+
+Runs the offline benchmark's workload (the same synthesized requests, all added at once, EOS ignored) on the
+real Engine and times every step, split into decode-only steps (replayed from a CUDA graph) and mixed steps
+(some prompt tokens: eager). Then it profiles a few steps of each kind with torch.profiler: the GPU time of
+their kernels against their wall time says whether a step waits on the host or on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from perfxllm.bench.e2e_gpu import _kernel_times
+from perfxllm.bench.serve import synthesize
+from perfxllm.engine.config import EngineConfig
+from perfxllm.engine.engine import Engine
+from perfxllm.sampling_params import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--random-weights", default="llama3-8b")
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--profile-after", type=int, default=300, help="steps before the profiled ones")
+    ap.add_argument("--device", default="cuda", help="cpu runs the loop without the profiled steps")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    engine = Engine(
+        EngineConfig(
+            random_weights=args.random_weights,
+            quantization=args.quantization,
+            device=args.device,
+            dtype="float16" if args.device == "cuda" else "auto",
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+        )
+    )
+    requests = synthesize(engine.tokenizer, args.num_requests, 200, 150, engine.max_model_len, 0)
+    for r in requests:
+        params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+        engine.add_request(engine.tokenizer.encode(r.prompt), params)
+
+    steps, profiled = [], {"decode": [], "mixed": []}
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        running, out = len(engine.scheduler.running), []
+        t0 = time.perf_counter()
+        if (
+            args.device == "cuda"
+            and len(steps) >= args.profile_after
+            and min(len(p) for p in profiled.values()) < 3
+        ):
+            total, top = _kernel_times(lambda out=out: out.extend(engine.step()))
+            kind = "decode" if len(out) == running else "mixed"
+            wall = (time.perf_counter() - t0) * 1e3
+            if len(profiled[kind]) < 3:
+                profiled[kind].append({"wall_ms": wall, "kernel_ms": total, "running": running, "top": top})
+            continue
+        out = engine.step()
+        steps.append({"ms": (time.perf_counter() - t0) * 1e3, "running": running, "outputs": len(out)})
+    duration = time.perf_counter() - start
+
+    # a step whose every running sequence produced a token and no new one joined is decode-only
+    decode = [s["ms"] for s in steps if s["outputs"] == s["running"]]
+    mixed = [s["ms"] for s in steps if s["outputs"] != s["running"]]
+    summary = {
+        "args": vars(args),
+        "duration_s": duration,
+        "steps": len(steps),
+        "decode_only_steps": len(decode),
+        "decode_only_ms_median": statistics.median(decode) if decode else None,
+        "decode_only_s_total": sum(decode) / 1e3,
+        "other_steps": len(mixed),
+        "other_ms_median": statistics.median(mixed) if mixed else None,
+        "other_s_total": sum(mixed) / 1e3,
+        "profiled": profiled,
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**summary, "per_step": steps}, f)
+
+
+if __name__ == "__main__":
+    main()
