@@ -5,14 +5,17 @@
 
 Runs the offline benchmark's workload (the same synthesized requests, all added at once, EOS ignored) on the
 real Engine and times every step, split into decode-only steps (replayed from a CUDA graph) and mixed steps
-(some prompt tokens: eager). Then it profiles a few steps of each kind with torch.profiler: the GPU time of
-their kernels against their wall time says whether a step waits on the host or on the GPU.
+(some prompt tokens: eager). Then it profiles a few steps of each kind with torch.profiler (the GPU time of
+their kernels against their wall time says whether a step waits on the host or on the GPU) and one of each
+with cProfile (where the host's time goes).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 
@@ -21,6 +24,19 @@ from perfxllm.bench.serve import synthesize
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.sampling_params import SamplingParams
+
+
+def host_profile(engine: Engine) -> tuple[list[str], list]:
+    """One engine step under cProfile: its 25 functions of most own time, and the step's outputs."""
+    prof = cProfile.Profile()
+    outputs = prof.runcall(engine.step)
+    stats = pstats.Stats(prof).sort_stats("tottime")
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:25]
+    top = [
+        f"{tt * 1e3:8.2f} own {ct * 1e3:8.2f} cum {nc:6d}x {fn}:{ln}({name})"
+        for (fn, ln, name), (_, nc, tt, ct, _) in rows
+    ]
+    return top, outputs
 
 
 def main() -> None:
@@ -50,21 +66,23 @@ def main() -> None:
         params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
         engine.add_request(engine.tokenizer.encode(r.prompt), params)
 
-    steps, profiled = [], {"decode": [], "mixed": []}
+    steps, profiled, host = [], {"decode": [], "mixed": []}, {}
     start = time.perf_counter()
     while engine.has_unfinished():
         running, out = len(engine.scheduler.running), []
         t0 = time.perf_counter()
-        if (
-            args.device == "cuda"
-            and len(steps) >= args.profile_after
-            and min(len(p) for p in profiled.values()) < 3
-        ):
-            total, top = _kernel_times(lambda out=out: out.extend(engine.step()))
-            kind = "decode" if len(out) == running else "mixed"
-            wall = (time.perf_counter() - t0) * 1e3
-            if len(profiled[kind]) < 3:
-                profiled[kind].append({"wall_ms": wall, "kernel_ms": total, "running": running, "top": top})
+        if args.device == "cuda" and len(steps) >= args.profile_after and len(host) < 2:
+            if min(len(p) for p in profiled.values()) < 3:  # first the GPU's view of a few steps
+                total, top = _kernel_times(lambda out=out: out.extend(engine.step()))
+                kind = "decode" if len(out) == running else "mixed"
+                if len(profiled[kind]) < 3:
+                    wall = (time.perf_counter() - t0) * 1e3
+                    profiled[kind].append(
+                        {"wall_ms": wall, "kernel_ms": total, "running": running, "top": top}
+                    )
+            else:  # then the host's: Python functions by own time
+                top, out = host_profile(engine)
+                host.setdefault("decode" if len(out) == running else "mixed", top)
             continue
         out = engine.step()
         steps.append({"ms": (time.perf_counter() - t0) * 1e3, "running": running, "outputs": len(out)})
@@ -84,6 +102,7 @@ def main() -> None:
         "other_ms_median": statistics.median(mixed) if mixed else None,
         "other_s_total": sum(mixed) / 1e3,
         "profiled": profiled,
+        "host_top_ms": host,
     }
     print(json.dumps(summary, indent=1))
     if args.out:
