@@ -350,20 +350,32 @@ def _check_config(w: W4Packed, cfg: dict) -> None:
 
 def _splits(tiles: int, iters: int, sms: int, outputs: int) -> list[int]:
     """Splits along K worth trying: none, and (where the workspace holds the outputs) enough to give every
-    SM two programs (at least 2 iterations each), and half that."""
+    SM two programs (at least 2 iterations each), half that and twice that."""
     if not _split_fits(outputs, tiles):
         return [1]
     want = min(max(1, -(-2 * sms // tiles)), max(1, iters // 2))
-    return sorted({1, want, max(1, want // 2)})
+    return sorted({1, max(1, want // 2), want, min(2 * want, max(1, iters // 2))})
+
+
+# GEMV tiles (rows, K, warps): 8 to 32 words of weights per thread. The fewer registers a tile takes, the more
+# warps an SM runs, and the GEMV needs them to hide its loads and its dependent integer-float chains.
+_GEMV_TILES = (
+    (128, 64, 4),
+    (128, 128, 4),
+    (256, 64, 4),
+    (256, 128, 4),
+    (256, 64, 8),
+    (256, 128, 8),
+    (512, 64, 8),
+)
 
 
 def _gemv_configs(m: int, k: int, g: int, sms: int) -> list[dict]:
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1)]
     return [
-        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=4, num_stages=st)
-        for bm in (64, 128, 256)
-        for bk in sorted({min(64, g), g})
+        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st)
+        for bm, bk, w in sorted({(bm, min(bk, g), w) for bm, bk, w in _GEMV_TILES})
         for sk in _splits(triton.cdiv(m, bm), k // bk, sms, m)
         for st in (1, 2, 4)
     ]

@@ -1,8 +1,13 @@
 """The Engine on a background thread, for asyncio code.
 
 Only the engine thread ever touches the Engine. The event loop hands it commands (add, abort, stop) through
-a thread-safe inbox; the engine thread hands each output to its request's asyncio queue with
-loop.call_soon_threadsafe. With nothing to run, the engine thread blocks on the inbox instead of spinning.
+a thread-safe inbox; the engine thread hands a step's outputs to their streams in one
+loop.call_soon_threadsafe (not one per output: 256 streams would be 256 wake-ups a step). With nothing to
+run, the engine thread blocks on the inbox instead of spinning.
+
+A stream whose reader falls behind (many streams on a busy event loop) reads the outputs that have piled up
+for a choice as one: one chunk of several tokens instead of several chunks, as vLLM does, so the event loop's
+work per step shrinks as it falls behind instead of the backlog growing.
 
 An API request (n choices, or several prompts) is one RequestStream of several engine requests. It is
 admitted, or refused with QueueFull, at once on the event loop, so the queue limit holds exactly. Closing
@@ -13,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +33,6 @@ from perfxllm.sampling_params import SamplingParams
 from perfxllm.server.metrics import EngineStats, Metrics
 
 log = logging.getLogger(__name__)
-
-Deliver = Callable[[RequestOutput | Exception], None]
 
 
 class QueueFull(Exception):
@@ -40,11 +44,20 @@ class EngineStopped(Exception):
 
 
 @dataclass
+class _Target:
+    """Where a request's outputs go: choice `index` of `stream`, read on `loop`."""
+
+    loop: asyncio.AbstractEventLoop
+    stream: RequestStream
+    index: int
+
+
+@dataclass
 class _Add:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    deliver: Deliver
+    target: _Target
 
 
 @dataclass
@@ -64,7 +77,7 @@ class AsyncEngine:
         self.stats = EngineStats()  # replaced (never mutated) by the engine thread
         self.num_in_flight = 0  # engine requests admitted and not yet done, counted on the event loop
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._deliver: dict[str, Deliver] = {}  # engine thread only
+        self._targets: dict[str, _Target] = {}  # engine thread only
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="perfxllm-engine", daemon=True)
 
@@ -109,7 +122,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         for i, (rid, prompt, p) in enumerate(zip(stream.request_ids, prompts, params)):
             self.metrics.prompt_tokens += len(prompt)
-            self._inbox.put(_Add(rid, prompt, p, _deliverer(loop, stream.queue, i)))
+            self._inbox.put(_Add(rid, prompt, p, _Target(loop, stream, i)))
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
@@ -145,41 +158,42 @@ class AsyncEngine:
             self._fail_all(EngineStopped("the server is shutting down"))
         elif isinstance(command, _Abort):
             for rid in command.request_ids:
-                if self._deliver.pop(rid, None) is not None:
+                if self._targets.pop(rid, None) is not None:
                     self._engine.abort(rid)
         elif isinstance(command, _Add):
             if self._stopped:
-                command.deliver(EngineStopped("the server is shutting down"))
+                _send([(command.target, EngineStopped("the server is shutting down"))])
                 return
             try:
                 self._engine.add_request(command.prompt_ids, command.params, command.request_id)
             except Exception as e:  # RequestError, or a bug: either way only this request fails
-                command.deliver(e)
+                _send([(command.target, e)])
                 return
-            self._deliver[command.request_id] = command.deliver
+            self._targets[command.request_id] = command.target
 
     def _step(self) -> None:
         try:
             outputs = self._engine.step()
         except Exception as e:
-            log.exception("engine step failed; failing the %d requests in flight", len(self._deliver))
+            log.exception("engine step failed; failing the %d requests in flight", len(self._targets))
             self._fail_all(RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
             return
+        sends = []
         for out in outputs:
-            deliver = (
-                self._deliver.pop(out.request_id, None) if out.finished else self._deliver.get(out.request_id)
-            )
-            if deliver is not None:
-                deliver(out)
+            get = self._targets.pop if out.finished else self._targets.get
+            target = get(out.request_id, None)
+            if target is not None:
+                sends.append((target, out))
+        _send(sends)
 
     def _fail_all(self, error: Exception) -> None:
-        for rid, deliver in self._deliver.items():
-            deliver(error)
+        _send([(target, error) for target in self._targets.values()])
+        for rid in self._targets:
             try:
                 self._engine.abort(rid)
             except Exception:
                 log.exception("could not abort %s", rid)
-        self._deliver.clear()
+        self._targets.clear()
 
     def _publish_stats(self) -> None:
         e = self._engine
@@ -193,12 +207,29 @@ class AsyncEngine:
         )
 
 
-def _deliverer(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, index: int) -> Deliver:
-    def deliver(item: RequestOutput | Exception) -> None:
+def _send(items: list[tuple[_Target, RequestOutput | Exception]]) -> None:
+    """Hand outputs to their streams: one call onto each event loop (there is one, in practice)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Target, RequestOutput | Exception]]] = {}
+    for target, item in items:
+        by_loop.setdefault(target.loop, []).append((target, item))
+    for loop, batch in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(q.put_nowait, (index, item))
+            loop.call_soon_threadsafe(_put_all, batch)
 
-    return deliver
+
+def _put_all(batch: list[tuple[_Target, RequestOutput | Exception]]) -> None:
+    for target, item in batch:
+        target.stream.put(target.index, item)
+
+
+def _merge(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: the text and tokens of both, the state of the later."""
+    return dataclasses.replace(
+        later,
+        text=first.text + later.text,
+        token_ids=first.token_ids + later.token_ids,
+        logprobs=first.logprobs + later.logprobs,
+    )
 
 
 class RequestStream:
@@ -207,11 +238,17 @@ class RequestStream:
 
     def __init__(self, engine: AsyncEngine, request_ids: list[str]) -> None:
         self.engine, self.request_ids = engine, request_ids
-        self.queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+        self._pending: deque[tuple[int, RequestOutput | Exception]] = deque()
+        self._arrived = asyncio.Event()
         self.unfinished = set(range(len(request_ids)))
         self.start = time.perf_counter()
         self.first_token_at: list[float | None] = [None] * len(request_ids)
         self.closed = False
+
+    def put(self, index: int, item: RequestOutput | Exception) -> None:
+        """On the event loop: an output (or the error that ends it) of choice `index`."""
+        self._pending.append((index, item))
+        self._arrived.set()
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -219,10 +256,19 @@ class RequestStream:
     async def __anext__(self) -> tuple[int, RequestOutput]:
         if not self.unfinished:
             raise StopAsyncIteration
-        index, out = await self.queue.get()
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        index, out = self._pending.popleft()
         if isinstance(out, Exception):
             self.close("error")
             raise out
+        while self._pending and self._pending[0][0] == index and not out.finished:
+            later = self._pending[0][1]
+            if isinstance(later, Exception):
+                break
+            self._pending.popleft()
+            out = _merge(out, later)
         self._observe(index, out)
         if out.finished:
             self.unfinished.discard(index)
