@@ -16,9 +16,14 @@ import argparse
 import cProfile
 import json
 import pstats
+import shlex
 import statistics
+import sys
 import time
 
+import torch
+
+from perfxllm.bench import current_commit
 from perfxllm.bench.e2e_gpu import _kernel_times
 from perfxllm.bench.serve import synthesize
 from perfxllm.engine.config import EngineConfig
@@ -92,6 +97,9 @@ def main() -> None:
     decode = [s["ms"] for s in steps if s["outputs"] == s["running"]]
     mixed = [s["ms"] for s in steps if s["outputs"] != s["running"]]
     summary = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "commit": current_commit(),
+        "command": shlex.join(["python", *sys.argv]),
         "args": vars(args),
         "duration_s": duration,
         "steps": len(steps),

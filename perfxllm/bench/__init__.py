@@ -11,12 +11,15 @@ import torch
 
 
 def current_commit() -> str | None:
-    """HEAD of the checkout, or $PERFXLLM_COMMIT where the tree is a copy without git (the GPU machine)."""
+    """$PERFXLLM_COMMIT where it is set (the GPU machine runs a copy of the tree whose git state, if any, is
+    not this commit's), else HEAD of the checkout."""
+    if os.environ.get("PERFXLLM_COMMIT"):
+        return os.environ["PERFXLLM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("PERFXLLM_COMMIT")
+        return None
 
 
 def copy_gbps(device: torch.device) -> float:

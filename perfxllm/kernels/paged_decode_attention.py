@@ -22,7 +22,7 @@ from perfxllm.kernels._common import check_tensor, interpreting, num_sms
 from perfxllm.kernels.rope_attention_prefill import LOG2E, check_heads
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_partial_kernel(
     q_ptr,
     kc_ptr,
@@ -85,7 +85,7 @@ def _decode_partial_kernel(
         tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_parts"])
 def _decode_reduce_kernel(
     o_ptr,
     lse_ptr,

@@ -29,7 +29,7 @@ from perfxllm.kernels.rope_cache_write import rope_cache_write
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_attention_kernel(
     q_ptr,
     kc_ptr,

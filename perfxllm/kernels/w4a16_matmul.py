@@ -201,7 +201,7 @@ def _w4_gemv_kernel(
         _finish_split(out, mask_m, out_ptr + offs_m, ws_ptr + offs_m, count_ptr + pid_m, split_k)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _w4_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -310,10 +310,8 @@ def _launch_dequant_matmul(
         _w4_dequant_kernel[grid](
             w.qweight, w.scales, w.bias, w_rows, m, k, row0, ONE_BITS, G=w.group_size, BLOCK_M=bm, BLOCK_K=bk
         )
-        if rows == m:
-            torch.mm(x, w_rows.t(), out=dest)
-        else:
-            dest[:, row0 : row0 + w_rows.shape[0]] = x @ w_rows.t()
+        # a column slice of dest: cuBLAS writes it in place (leading dimension m), no temporary and no copy
+        torch.mm(x, w_rows.t(), out=dest[:, row0 : row0 + w_rows.shape[0]])
     return dest
 
 

@@ -47,7 +47,7 @@ def prepack(w: Int8Weight) -> W8Packed:
     return W8Packed(w.qweight.contiguous(), w.scales.t().half().contiguous(), g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _w8a16_kernel(
     x_ptr,
     qw_ptr,

@@ -94,7 +94,7 @@ def test_tensor_cores_bfloat16(split_k, rel_err):
     w = random_int4(72, 384, 64, seed=9)
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(10)).bfloat16()
     cfg = dict(BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
-    out = mod.w4a16_matmul(x.cuda(), mod.prepack(w.cuda()), config=cfg)
+    out = mod.w4a16_matmul(x.cuda(), mod.prepack(w.to("cuda")), config=cfg)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < 1e-2
     assert_split_workspace_clean("cuda")
