@@ -1,8 +1,26 @@
-"""The kernels' shared helpers: the tuner's per-process memory of its choices."""
+"""The kernels' shared helpers (the tuner's per-process memory of its choices), and what every kernel
+declares."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from perfxllm.kernels._common import DiskTuner
+
+# Run where TRITON_INTERPRET is unset: only there does @triton.jit keep its do_not_specialize list.
+UNSPECIALIZED_CHECK = """
+import importlib, pkgutil, triton, perfxllm.kernels as k
+found = 0
+for m in pkgutil.iter_modules(k.__path__):
+    for obj in vars(importlib.import_module(f"perfxllm.kernels.{m.name}")).values():
+        if isinstance(obj, triton.runtime.jit.JITFunction) and obj.do_not_specialize:
+            unknown = set(obj.do_not_specialize) - set(obj.arg_names)
+            assert not unknown, f"{obj.fn.__name__}: do_not_specialize names no parameter {unknown}"
+            found += 1
+print(found)
+"""
 
 
 def test_tuner_builds_the_candidates_once_per_key(tmp_path, monkeypatch):
@@ -21,3 +39,14 @@ def test_tuner_builds_the_candidates_once_per_key(tmp_path, monkeypatch):
     assert tuner.pick("a", lambda: candidates("a"), run) == first
     assert tuner.pick("b", lambda: candidates("b"), run) == {"BLOCK": 16, "tag": "b"}
     assert built == ["a", "b"]
+
+
+def test_unspecialized_arguments_are_parameters():
+    """Triton ignores a do_not_specialize name that is not a parameter of the kernel: a typo there would
+    silently bring back the recompiles it is meant to prevent."""
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", UNSPECIALIZED_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout) >= 5  # the kernels that take a token count, a table width or a partition count
