@@ -186,6 +186,7 @@ def bench_attention(r: Runner) -> None:
     from perfxllm.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
     from perfxllm.kernels.rope_attention_prefill import (
         prefill_attention,
+        prefill_tiles,
         rope_attention_prefill,
         rope_attention_prefill_ref,
     )
@@ -205,11 +206,12 @@ def bench_attention(r: Runner) -> None:
         cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
         cached_t = torch.tensor(cached, dtype=torch.int32, device="cuda")
         ref = rope_attention_prefill_ref(q, k, v, positions, cs, kc, vc, cu, cached_t, tables)
-        args = (q, k, v, positions, cs, kc, vc, slots, cu, cached_t, tables, max(new))
+        args = (q, k, v, positions, cs, kc, vc, slots, cu, cached_t, tables)
         r.check(f"prefill attention new={new} cached={cached}", rope_attention_prefill(*args), ref, 3e-3)
     # timing: one 4096-token sequence, causal, vs SDPA (flash) on contiguous q/k/v
     q_rot = torch.randn(t, hq, d, device="cuda").half()
-    us = _bench(lambda: prefill_attention(q_rot, kc, vc, cu, cached_t, tables, t))
+    tiles = torch.tensor(prefill_tiles(new), dtype=torch.int32, device="cuda").view(-1, 2)
+    us = _bench(lambda: prefill_attention(q_rot, kc, vc, cu, cached_t, tables, tiles))
     qs, ks = q_rot.transpose(0, 1)[None], torch.randn(1, hkv, t, d, device="cuda").half()
     base = _bench(lambda: F.scaled_dot_product_attention(qs, ks, ks, is_causal=True, enable_gqa=True))
     flops = 4.0 * hq * d * t * t / 2

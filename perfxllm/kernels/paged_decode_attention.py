@@ -2,7 +2,8 @@
 
 q [B, Hq, D] float16/bfloat16, ALREADY ROTATED (run perfxllm.kernels.rope_cache_write first: it rotates q,
 and writes this step's rotated k and v into the cache). k_cache/v_cache [num_blocks, block_size, Hkv, D];
-block_tables int32 [B, max_blocks]; context_lens int32 [B] (>= 1, this step's token included);
+block_tables int32 [B, max_blocks]; context_lens int32 [B] (this step's token included; 0: a row to leave
+alone);
 max_context_len: max(context_lens), a host int (sizes the grid). Returns out [B, Hq, D] in q's dtype.
 
 Each sequence's context is cut into partitions of partition_size tokens; one program per (sequence, kv
@@ -100,15 +101,16 @@ def _decode_reduce_kernel(
     b = tl.program_id(0)
     h = tl.program_id(1)
     used = tl.cdiv(tl.load(ctx_ptr + b), PART)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < used
-    row = (b * HQ + h).to(tl.int64) * num_parts
-    lse = tl.load(lse_ptr + row + offs_p, mask=mask_p, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, axis=0))
-    offs_d = tl.arange(0, D)
-    o = tl.load(o_ptr + (row + offs_p)[:, None] * D + offs_d[None, :], mask=mask_p[:, None], other=0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-    tl.store(out_ptr + (b * HQ + h).to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty))
+    if used > 0:  # an empty context is a row to leave alone (a graph's padding, a prompt chunk's row)
+        offs_p = tl.arange(0, BLOCK_P)
+        mask_p = offs_p < used
+        row = (b * HQ + h).to(tl.int64) * num_parts
+        lse = tl.load(lse_ptr + row + offs_p, mask=mask_p, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, axis=0))
+        offs_d = tl.arange(0, D)
+        o = tl.load(o_ptr + (row + offs_p)[:, None] * D + offs_d[None, :], mask=mask_p[:, None], other=0)
+        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
+        tl.store(out_ptr + (b * HQ + h).to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(

@@ -9,6 +9,9 @@ Shapes and dtypes:
     q [T, Hq, D], k/v [T, Hkv, D]: float16/bfloat16, sequences packed back to back; D a power of two >= 16
     cu_seqlens int32 [B+1]: new tokens of sequence b are rows cu_seqlens[b]:cu_seqlens[b+1]
     cached_lens int32 [B]: tokens of sequence b already in the cache before this chunk
+    tiles int32 [n, 2]: (sequence, first new token) of each tile of BLOCK_Q queries to compute
+        (prefill_tiles makes it; a sequence of -1 is an empty slot, so that a CUDA graph can keep one grid
+        for any batch; rows of sequences without tiles are left alone)
     positions int64 [T] (normally cached_lens[b] + i), slot_mapping int64 [T] (-1: not written)
     block_tables int32 [B, max_blocks], k_cache/v_cache [num_blocks, block_size, Hkv, D]
     cos_sin_cache float32 [max_pos, D]
@@ -38,6 +41,7 @@ def _prefill_attention_kernel(
     cu_ptr,
     cached_ptr,
     bt_ptr,
+    tiles_ptr,
     stride_bt,
     scale_log2,
     HQ: tl.constexpr,
@@ -47,14 +51,14 @@ def _prefill_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_q = tl.program_id(0)
-    b = tl.program_id(1)
-    h = tl.program_id(2)
-    kvh = h // (HQ // HKV)
-    start = tl.load(cu_ptr + b)
-    qlen = tl.load(cu_ptr + b + 1) - start
-    q0 = pid_q * BLOCK_Q
-    if q0 < qlen:
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.load(tiles_ptr + 2 * tile)
+    if b >= 0:
+        q0 = tl.load(tiles_ptr + 2 * tile + 1)
+        kvh = h // (HQ // HKV)
+        start = tl.load(cu_ptr + b)
+        qlen = tl.load(cu_ptr + b + 1) - start
         cached = tl.load(cached_ptr + b)
         offs_q = q0 + tl.arange(0, BLOCK_Q)
         mask_q = offs_q < qlen
@@ -70,7 +74,7 @@ def _prefill_attention_kernel(
         for n0 in range(0, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < end
-            blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=mask_n, other=0)
+            blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + offs_n // BS, mask=mask_n, other=0)
             slot = blk.to(tl.int64) * BS + offs_n % BS
             kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]
             k = tl.load(kc_ptr + kv_off, mask=mask_n[:, None], other=0)
@@ -91,6 +95,23 @@ def _prefill_attention_kernel(
         )
 
 
+def block_q() -> int:
+    """Queries per program: the tile of prefill_tiles."""
+    return 16 if interpreting() else 64
+
+
+def prefill_tiles(query_lens: list[int], first: int = 0, capacity: int | None = None) -> list[int]:
+    """The tiles of sequences first.. as a flat list (sequence, first new token, ...), padded with empty
+    slots (-1, 0) up to `capacity` tiles. Sequences before `first` get none (the decode kernel has them)."""
+    bq = block_q()
+    tiles = [x for b in range(first, len(query_lens)) for q0 in range(0, query_lens[b], bq) for x in (b, q0)]
+    if capacity is not None:
+        if len(tiles) > 2 * capacity:
+            raise ValueError(f"{len(tiles) // 2} query tiles do not fit in {capacity}")
+        tiles += [-1, 0] * (capacity - len(tiles) // 2)
+    return tiles
+
+
 def check_heads(hq: int, hkv: int, d: int) -> None:
     if hq % hkv:
         raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
@@ -105,12 +126,12 @@ def prefill_attention(
     cu_seqlens: torch.Tensor,
     cached_lens: torch.Tensor,
     block_tables: torch.Tensor,
-    max_new_len: int | None = None,
+    tiles: torch.Tensor,
     scale: float | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention launch alone, on rotated q [T, Hq, D] with this chunk's K/V already in the cache.
-    out: an optional contiguous destination shaped and typed like q."""
+    out: an optional contiguous destination shaped and typed like q (rows no tile covers are left alone)."""
     check_tensor("q", q_rot, ndim=3, contiguous=True)
     t, hq, d = q_rot.shape
     check_tensor("k_cache", k_cache, dtypes=(q_rot.dtype,), ndim=4, device=q_rot.device, contiguous=True)
@@ -129,17 +150,15 @@ def prefill_attention(
     )
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must have unit stride in its last dimension")
+    check_tensor("tiles", tiles, dtypes=(torch.int32,), shape=(None, 2), device=q_rot.device, contiguous=True)
     if out is None:
         out = torch.empty_like(q_rot)
     check_tensor("out", out, dtypes=(q_rot.dtype,), shape=(t, hq, d), device=q_rot.device, contiguous=True)
-    if t == 0 or batch == 0:
+    if t == 0 or tiles.shape[0] == 0:
         return out
-    if max_new_len is None:
-        max_new_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    block_q, block_n, warps = (16, 16, 4) if interpreting() else (64, 64, 4)
+    block_n, warps = (16, 4) if interpreting() else (64, 4)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    grid = (triton.cdiv(max_new_len, block_q), batch, hq)
-    _prefill_attention_kernel[grid](
+    _prefill_attention_kernel[(tiles.shape[0], hq)](
         q_rot,
         k_cache,
         v_cache,
@@ -147,13 +166,14 @@ def prefill_attention(
         cu_seqlens,
         cached_lens.contiguous(),
         block_tables,
+        tiles,
         block_tables.stride(0),
         scale * LOG2E,
         HQ=hq,
         HKV=hkv,
         D=d,
         BS=block_size,
-        BLOCK_Q=block_q,
+        BLOCK_Q=block_q(),
         BLOCK_N=block_n,
         num_warps=warps,
         num_stages=1 if interpreting() else 3,
@@ -173,17 +193,14 @@ def rope_attention_prefill(
     cu_seqlens: torch.Tensor,
     cached_lens: torch.Tensor,
     block_tables: torch.Tensor,
-    max_new_len: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """See the module docstring: rotates, writes the cache, returns out [T, Hq, D].
-
-    max_new_len: the longest sequence of new tokens (the grid size); read from cu_seqlens if not given,
-    which costs a device-to-host sync."""
+    """See the module docstring: rotates, writes the cache, returns out [T, Hq, D]. Reads the sequence
+    lengths back from cu_seqlens to make the tiles (a device-to-host sync; the engine has them on the host)."""
     q_rot = rope_cache_write(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
-    return prefill_attention(
-        q_rot, k_cache, v_cache, cu_seqlens, cached_lens, block_tables, max_new_len, scale
-    )
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    tiles = torch.tensor(prefill_tiles(lens), dtype=torch.int32, device=q.device).view(-1, 2)
+    return prefill_attention(q_rot, k_cache, v_cache, cu_seqlens, cached_lens, block_tables, tiles, scale)
 
 
 def rope_attention_prefill_ref(

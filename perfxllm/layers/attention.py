@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -22,27 +21,52 @@ from perfxllm.layers.rotary import apply_rope
 
 
 @dataclass
+class PrefillLayout:
+    """Where a step's prompt chunks are, for the prefill kernel (see perfxllm.kernels.rope_attention_prefill):
+    rows cu_seqlens[b]:cu_seqlens[b+1] of the step are sequence b's new tokens, cached_lens[b] of its tokens
+    were in the cache before them, and tiles lists (sequence, first new token) of each query tile to run."""
+
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    cached_lens: torch.Tensor  # int32 [B]
+    tiles: torch.Tensor  # int32 [n, 2]
+
+    @staticmethod
+    def of(query_lens: list[int], context_lens: torch.Tensor, first: int) -> PrefillLayout:
+        """The layout of sequences first.. of an eager step, in one copy to the device, without waiting
+        for the GPU (building a tensor on the device from a list would)."""
+        from perfxllm.kernels.rope_attention_prefill import prefill_tiles
+
+        cu = [0, *itertools.accumulate(query_lens)]
+        host = torch.tensor(cu + prefill_tiles(query_lens, first), dtype=torch.int32)
+        both = host.to(context_lens.device, non_blocking=True)
+        cu_t = both[: len(cu)]
+        return PrefillLayout(cu_t, context_lens - (cu_t[1:] - cu_t[:-1]), both[len(cu) :].view(-1, 2))
+
+
+@dataclass
 class AttentionMetadata:
     query_lens: list[int]  # new tokens of each sequence in this step
     context_lens: torch.Tensor  # int32 [B]: tokens in the cache after this step's writes
     slot_mapping: torch.Tensor  # int64 [T]
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     max_context_len: int  # a host int that sizes kernel grids: under a CUDA graph, an upper bound
+    # On the GPU the first decode_rows rows take flash-decoding (by default the leading sequences with one
+    # new token each: the model runner puts them first) and the prompt chunks prefill attention. A CUDA graph
+    # of mixed steps sets both for its largest batch: rows with context 0 and empty tiles are skipped.
+    decode_rows: int | None = None
+    prefill: PrefillLayout | None = None
 
-    @cached_property
-    def num_decodes(self) -> int:
-        """The leading sequences with one new token each: the GPU runs them through flash-decoding and the
-        rest through prefill attention (the model runner puts them first)."""
-        return next((i for i, n in enumerate(self.query_lens) if n != 1), len(self.query_lens))
+    def __post_init__(self) -> None:
+        if self.decode_rows is None:
+            self.decode_rows = next(
+                (i for i, n in enumerate(self.query_lens) if n != 1), len(self.query_lens)
+            )
 
-    @cached_property
-    def prefill_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cu_seqlens int32 [P+1] and cached_lens int32 [P] of the P sequences after the decodes: made once a
-        step, not once a layer (building a tensor from a list waits for the GPU)."""
-        lens = self.query_lens[self.num_decodes :]
-        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
-        cu = cu.to(self.context_lens.device, non_blocking=True)
-        return cu, self.context_lens[self.num_decodes :] - (cu[1:] - cu[:-1])
+    def prefill_layout(self) -> PrefillLayout | None:
+        """The prompt chunks' layout, made on first use (once a step, not once a layer); None: none."""
+        if self.prefill is None and self.decode_rows < len(self.query_lens):
+            self.prefill = PrefillLayout.of(self.query_lens, self.context_lens, self.decode_rows)
+        return self.prefill
 
 
 def block_table_tensor(block_tables: list[list[int]], device: torch.device | None = None) -> torch.Tensor:
@@ -81,30 +105,30 @@ def attention(
     from perfxllm.kernels.paged_decode_attention import paged_decode_attention
     from perfxllm.kernels.rope_attention_prefill import prefill_attention
 
-    decodes, out = meta.num_decodes, torch.empty_like(q_rot)
-    if decodes:
+    rows, out = meta.decode_rows, torch.empty_like(q_rot)
+    if rows:
         paged_decode_attention(
-            q_rot[:decodes],
+            q_rot[:rows],
             k_cache,
             v_cache,
-            meta.block_tables[:decodes],
-            meta.context_lens[:decodes],
+            meta.block_tables[:rows],
+            meta.context_lens[:rows],
             meta.max_context_len,
             scale,
-            out=out[:decodes],
+            out=out[:rows],
         )
-    if decodes < len(meta.query_lens):
-        cu_seqlens, cached_lens = meta.prefill_offsets
+    prefill = meta.prefill_layout()
+    if prefill is not None:
         prefill_attention(
-            q_rot[decodes:],
+            q_rot,
             k_cache,
             v_cache,
-            cu_seqlens,
-            cached_lens,
-            meta.block_tables[decodes:],
-            max(meta.query_lens),
+            prefill.cu_seqlens,
+            prefill.cached_lens,
+            meta.block_tables,
+            prefill.tiles,
             scale,
-            out=out[decodes:],
+            out=out,
         )
     return out
 

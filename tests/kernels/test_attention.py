@@ -8,7 +8,13 @@ import torch
 
 from perfxllm.kernels._common import interpreting
 from perfxllm.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
-from perfxllm.kernels.rope_attention_prefill import rope_attention_prefill, rope_attention_prefill_ref
+from perfxllm.kernels.rope_attention_prefill import (
+    block_q,
+    prefill_attention,
+    prefill_tiles,
+    rope_attention_prefill,
+    rope_attention_prefill_ref,
+)
 from perfxllm.kernels.rope_cache_write import rope_cache_write, rope_cache_write_ref
 from perfxllm.layers.rotary import rope_cos_sin_cache
 
@@ -88,6 +94,57 @@ def test_decode(hq, hkv, d, split, device, rel_err):
     assert rel_err(out, ref) < TOL
 
 
+def test_prefill_tiles():
+    bq = block_q()
+    lens = [1, 1, bq + 3, 2 * bq, 1]
+    assert prefill_tiles(lens, first=2) == [2, 0, 2, bq, 3, 0, 3, bq, 4, 0]
+    assert prefill_tiles([bq], capacity=3) == [0, 0, -1, 0, -1, 0]
+    with pytest.raises(ValueError, match="2 query tiles do not fit in 1"):
+        prefill_tiles([bq + 1], capacity=1)
+
+
+def test_prefill_skips_empty_tiles_and_rows_without_tiles(device, rel_err):
+    """A CUDA graph's grid: padded with empty tiles, over rows of which only some are prompt chunks. The
+    kernel computes the rows of the tiled sequences and leaves the others as they were."""
+    from perfxllm.layers.attention import AttentionMetadata, paged_attention_ref
+
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d = 4, 2, 32
+    cached, new = [6, 0, 9, 0], [1, 21, 1, 5]  # sequences 0 and 2 (rows 0 and 22) get no tiles
+    total = [c + n for c, n in zip(cached, new)]
+    k_cache, v_cache, tables = make_paged(len(new), total, hkv, d, gen)
+    q = torch.randn(sum(new), hq, d, generator=gen).half()
+    meta = AttentionMetadata(new, torch.tensor(total, dtype=torch.int32), torch.empty(0), tables, max(total))
+    ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, d**-0.5)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    cached_t = torch.tensor(cached, dtype=torch.int32)
+    bq = block_q()
+    tiles = [x for b in (1, 3) for q0 in range(0, new[b], bq) for x in (b, q0)] + [-1, 0] * 3
+    dev = [x.to(device) for x in (q, k_cache, v_cache, cu, cached_t, tables)]
+    tiles_t = torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)
+    poison = torch.full_like(q, float("nan")).to(device)
+    out = prefill_attention(*dev, tiles_t, out=poison).cpu()
+    assert out[[0, 22]].isnan().all()
+    keep = [i for i in range(len(q)) if i not in (0, 22)]
+    assert rel_err(out[keep], ref[keep]) < TOL
+
+
+def test_decode_leaves_rows_with_empty_context_alone(device, rel_err):
+    gen = torch.Generator().manual_seed(8)
+    lens = [5, 0, 40, 0]
+    k_cache, v_cache, tables = make_paged(len(lens), [max(n, 1) for n in lens], 2, 32, gen, num_blocks=64)
+    q = torch.randn(len(lens), 4, 32, generator=gen).half()
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    dev = [x.to(device) for x in (q, k_cache, v_cache, tables, ctx)]
+    out = paged_decode_attention(*dev, max(lens), out=torch.full_like(q, float("nan")).to(device)).cpu()
+    assert out[[1, 3]].isnan().all()
+    keep = [0, 2]
+    assert (
+        rel_err(out[keep], paged_decode_attention_ref(q[keep], k_cache, v_cache, tables[keep], ctx[keep]))
+        < TOL
+    )
+
+
 def test_errors(device):
     q = torch.randn(2, 4, 32, device=device).half()
     cache = torch.randn(8, BLOCK_SIZE, 2, 32, device=device).half()
@@ -139,5 +196,5 @@ def test_mixed_step_dispatch(device, rel_err, monkeypatch):
     ref, _ = run(torch.float32, "cpu")
     monkeypatch.setattr(attn, "runs_on_kernels", lambda x: True)
     out, meta = run(torch.float16, device)
-    assert meta.num_decodes == 3
+    assert meta.decode_rows == 3
     assert rel_err(out, ref) < TOL
