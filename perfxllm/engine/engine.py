@@ -18,6 +18,7 @@ from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
+from perfxllm.engine.mixed_graph import MixedGraphRunner
 from perfxllm.engine.model_runner import ModelRunner
 from perfxllm.engine.sampler import Sample, Sampler
 from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -79,15 +80,18 @@ def make_runner(
     model: nn.Module, config: EngineConfig, num_blocks: int, max_model_len: int, tp: TPGroup | None = None
 ) -> ModelRunner:
     """The KV cache, the decode graphs (CUDA graphs on the GPU in half precision, the C decode loop for a
-    quantized model on the CPU) and the runner over them."""
+    quantized model on the CPU), the GPU's graphs of steps with prompt tokens, and the runner over them."""
     weight = model.layers[0].input_layernorm.weight
     KVCache(model, num_blocks, config.block_size, weight.dtype, weight.device)
-    graphs = None
+    graphs = mixed = None
     if not config.enforce_eager and runs_on_kernels(weight):
         graphs = CUDAGraphRunner(model, config.max_num_seqs, max_model_len, config.block_size)
+        mixed = MixedGraphRunner(
+            model, config.max_num_seqs, config.max_num_batched_tokens, max_model_len, config.block_size
+        )
     elif not config.enforce_eager and weight.device.type == "cpu" and cpu_graph.supports(model):
         graphs = cpu_graph.CPUGraphRunner(model, config.max_num_seqs)
-    return ModelRunner(model, config.block_size, weight.device, graphs, tp)
+    return ModelRunner(model, config.block_size, weight.device, graphs, tp, mixed)
 
 
 class Engine:

@@ -15,6 +15,7 @@ from perfxllm.engine.sequence import Sequence
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 if TYPE_CHECKING:
+    from perfxllm.engine.mixed_graph import MixedGraphRunner
     from perfxllm.engine.tensor_parallel import TPGroup
 
 
@@ -40,8 +41,10 @@ class ModelRunner:
         device: torch.device,
         graphs: CUDAGraphRunner | CPUGraphRunner | None = None,
         tp: TPGroup | None = None,
+        mixed_graphs: MixedGraphRunner | None = None,
     ) -> None:
         self.model, self.block_size, self.device, self.graphs = model, block_size, device, graphs
+        self.mixed_graphs = mixed_graphs  # steps with prompt tokens, on the GPU
         self.tp = tp  # set on rank 0 of a tensor-parallel group: it broadcasts each step to the others
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
@@ -81,6 +84,8 @@ class ModelRunner:
             # Every row samples unless a prompt chunk of one token is not its prompt's last: then select (a
             # copy of [rows, vocab] floats, 131 MB at 256 x 128256, that a full decode step does not need).
             return logits if len(inputs.logit_rows) == len(logits) else logits[inputs.logit_rows]
+        if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
+            return self.mixed_graphs.run(inputs)
         to = dict(device=self.device)
         meta = AttentionMetadata(
             query_lens=inputs.query_lens,
