@@ -129,9 +129,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "kernels":
-        from perfxllm.bench.kernels import main as bench_kernels
+        from perfxllm.bench.kernels import run as bench_kernels
 
-        return bench_kernels(args.kernel_args)
+        return bench_kernels(args, "perfxllm " + shlex.join(sys.argv[1:]))
     if args.bench == "e2e":
         args.command_line = "perfxllm " + shlex.join(sys.argv[1:])
         if args.device == "cuda":
@@ -297,8 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", default="q4_0", choices=["q4_0", "q4_1", "q8_0", "f16", "f32"])
 
     bench = parsers["bench"].add_subparsers(dest="bench", required=True)
-    p = bench.add_parser("kernels", help="Triton kernels against cuBLAS and the copy bandwidth (GPU)")
-    p.add_argument("kernel_args", nargs=argparse.REMAINDER, help="--out-dir DIR, --only w4 w8 ...")
+    from perfxllm.bench.kernels import add_arguments as add_kernel_arguments
+
+    add_kernel_arguments(
+        bench.add_parser("kernels", help="Triton kernels against cuBLAS and the copy bandwidth (GPU)")
+    )
     p = bench.add_parser(
         "e2e",
         help="prefill and decode token/s through the whole engine (CPU: against llama.cpp on the same GGUF)",

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import save_tiny_model
 
 
@@ -103,3 +104,9 @@ def test_default_model_path_is_found():
     from perfxllm.model.loader import default_model_path
 
     assert Path(default_model_path()).is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the benchmark would run")
+def test_bench_kernels_options_parse_and_it_asks_for_a_gpu(tmp_path):
+    r = perfxllm("bench", "kernels", "--out-dir", str(tmp_path), "--only", "w4")
+    assert_clean_error(r, "needs a CUDA GPU")

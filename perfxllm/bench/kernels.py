@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import math
-import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from perfxllm.bench import copy_gbps, current_commit
+from perfxllm.errors import PerfxError
 
 W4_M, W4_K = 12288, 4096
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # (M out, K in)
@@ -281,14 +281,21 @@ def _plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="perfxllm bench kernels", description=__doc__)
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out-dir", default="benchmarks/results", help="where kernels-<gpu>.json and .png go")
     ap.add_argument("--only", nargs="*", default=None, help="subset: w4 w8 elementwise attention sampling")
-    args = ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    """scripts/gpu_check_kernels.py's entry: the same options as `perfxllm bench kernels`."""
+    ap = argparse.ArgumentParser(prog="perfxllm bench kernels", description=__doc__)
+    add_arguments(ap)
+    return run(ap.parse_args(argv), "perfxllm bench kernels " + " ".join(argv))
+
+
+def run(args: argparse.Namespace, command: str) -> int:
     if not torch.cuda.is_available():
-        print("perfxllm bench kernels needs a CUDA GPU", file=sys.stderr)
-        return 2
+        raise PerfxError("perfxllm bench kernels needs a CUDA GPU")
     import triton
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -316,7 +323,7 @@ def main(argv: list[str]) -> int:
         commit=current_commit(),
         torch=torch.__version__,
         triton=triton.__version__,
-        command="perfxllm bench kernels " + " ".join(argv),
+        command=command,
         copy_gbps=round(copy, 1),
         checks=[dict(name=n, rel_err=e, tol=t, ok=e < t) for n, e, t in r.checks],
         rows=r.rows,
