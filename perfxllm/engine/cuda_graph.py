@@ -8,12 +8,29 @@ sequence's context exit at once) and the int4 matmuls use the block shapes tuned
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def capture(
+    buckets: list[int], forward: Callable[[int], torch.Tensor], device: torch.device
+) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
+    """One graph of forward(bucket) per bucket, and the output tensors they write, sharing one memory pool."""
+    graphs, outputs, pool = {}, {}, None
+    for bucket in sorted(buckets, reverse=True):  # largest first, so the smaller graphs fit in its pool
+        forward(bucket)  # warm-up: compiles and tunes the kernels outside the capture
+        torch.cuda.synchronize(device)
+        graphs[bucket] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[bucket], pool=pool):
+            outputs[bucket] = forward(bucket)
+        pool = graphs[bucket].pool()
+    return graphs, outputs
 
 
 class CUDAGraphRunner:
@@ -27,17 +44,7 @@ class CUDAGraphRunner:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
-        pool = None
-        for b in reversed(self.buckets):  # largest first, so the smaller graphs fit in its memory pool
-            self._forward(b)  # warm-up: compiles and tunes the kernels outside the capture
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[b] = self._forward(b)
-            pool = graph.pool()
-            self.graphs[b] = graph
+        self.graphs, self.logits = capture(self.buckets, self._forward, device)
 
     def _forward(self, b: int) -> torch.Tensor:
         meta = AttentionMetadata(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perfxllm.engine.cuda_graph import capture as capture_graphs
 from perfxllm.engine.model_runner import StepInputs
 from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor
 
@@ -48,20 +49,9 @@ class MixedGraphRunner:
         self.cached_lens = torch.zeros(b, **ints)
         self.tiles = torch.full((self._tile_slots(t), 2), -1, **ints)
         self.logit_rows = torch.zeros(b, dtype=torch.int64, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.hidden: dict[int, torch.Tensor] = {}
-        self.capture = capture
-        pool = None
-        for bucket in reversed(self.buckets):  # largest first, so the smaller graphs fit in its memory pool
-            if not capture:
-                break
-            self._forward(bucket)  # warm-up: compiles and tunes the kernels outside the capture
-            torch.cuda.synchronize(device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.hidden[bucket] = self._forward(bucket)
-            pool = graph.pool()
-            self.graphs[bucket] = graph
+        self.graphs, self.hidden = (
+            capture_graphs(self.buckets, self._forward, device) if capture else ({}, {})
+        )
 
     def _tile_slots(self, tokens: int) -> int:
         """Query tiles a step of `tokens` tokens can need: each sequence adds at most one partial tile."""
@@ -112,7 +102,7 @@ class MixedGraphRunner:
         self.slot_mapping[t:bucket].fill_(-1)
         tables = block_table_tensor(inputs.block_tables)
         self.block_tables[: len(lens), : tables.shape[1]].copy_(tables, non_blocking=True)
-        if self.capture:
+        if self.graphs:
             self.graphs[bucket].replay()
             hidden = self.hidden[bucket]
         else:
