@@ -170,9 +170,10 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
         end.record()
         end.synchronize()
         replay_ms = start.elapsed_time(end) / 20
-    runner_graphs, engine.runner.graphs = engine.runner.graphs, None
+    runner = engine.runner
+    graphs, mixed, runner.graphs, runner.mixed_graphs = runner.graphs, runner.mixed_graphs, None, None
     decode_total, decode_top = _kernel_times(engine.step)  # one eager decode step
-    engine.runner.graphs = runner_graphs
+    runner.graphs, runner.mixed_graphs = graphs, mixed
     while engine.has_unfinished():
         engine.step()
     engine.add_request(list(range(4, 4 + prompt_len)), params)

@@ -19,6 +19,7 @@ from perfxllm.engine.model_runner import StepInputs
 from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor
 
 BUCKETS = (64, 128, 256, 384, 512, 768, 1024)
+DECODE_PARTS = 16
 
 
 class MixedGraphRunner:
@@ -36,9 +37,12 @@ class MixedGraphRunner:
 
         device = model.cos_sin_cache.device
         self.model, self.max_seqs, self.max_model_len = model, max_seqs, max_model_len
-        self.buckets = [t for t in BUCKETS if t < max_tokens] + [min(max_tokens, BUCKETS[-1])]
+        self.buckets = sorted({t for t in BUCKETS if t < max_tokens} | {min(max_tokens, BUCKETS[-1])})
         t, b = self.buckets[-1], max_seqs
         self.block_q = block_q()
+        # Sized for the grid's rows, flash-decoding would give a few long-context decodes one partition
+        # each; a graph's rows are mostly empty, so split every context into up to DECODE_PARTS instead.
+        self.decode_partition_size = max(64, 1 << (-(-max_model_len // DECODE_PARTS) - 1).bit_length())
         ints = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(t, dtype=torch.int64, device=device)
         self.positions = torch.zeros(t, dtype=torch.int64, device=device)
@@ -65,6 +69,7 @@ class MixedGraphRunner:
             block_tables=self.block_tables,
             max_context_len=self.max_model_len,
             decode_rows=min(self.max_seqs, bucket),
+            decode_partition_size=self.decode_partition_size,
             prefill=PrefillLayout(self.cu_seqlens, self.cached_lens, self.tiles[: self._tile_slots(bucket)]),
         )
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], meta)

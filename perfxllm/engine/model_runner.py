@@ -49,7 +49,7 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
         # sequences with one new token first: the GPU attends to them with flash-decoding, to the rest with
-        # prefill attention (AttentionMetadata.num_decodes)
+        # prefill attention (AttentionMetadata.decode_rows)
         order = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda seq_n: seq_n[1] != 1)
         inputs = StepInputs([], [], [], [n for _, n in order], [], [], [])
         sampling: list[Sequence] = []

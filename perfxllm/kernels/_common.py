@@ -119,23 +119,3 @@ class DiskTuner:
         except OSError:
             pass  # an unwritable cache only costs re-tuning next time
         return best[key]
-        # do_bench_cudagraph runs on a stream of its own that does not wait for this one: without the wait,
-        # a config under test could share a workspace or scratch buffer with kernels still queued here.
-        torch.cuda.synchronize()
-        times = []
-        for cfg in configs:
-            try:
-                times.append(
-                    triton.testing.do_bench_cudagraph(lambda cfg=cfg: run(cfg), rep=5, return_mode="median")
-                )
-            except triton.runtime.errors.OutOfResources:
-                times.append(float("inf"))
-        best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(best, indent=1, sort_keys=True))
-            tmp.replace(self.path)
-        except OSError:
-            pass  # an unwritable cache only costs re-tuning next time
-        return best[key]

@@ -55,6 +55,9 @@ class AttentionMetadata:
     # of mixed steps sets both for its largest batch: rows with context 0 and empty tiles are skipped.
     decode_rows: int | None = None
     prefill: PrefillLayout | None = None
+    decode_partition_size: int | None = (
+        None  # flash-decoding's tokens per partition (None: sized for the batch)
+    )
 
     def __post_init__(self) -> None:
         if self.decode_rows is None:
@@ -115,6 +118,7 @@ def attention(
             meta.context_lens[:rows],
             meta.max_context_len,
             scale,
+            meta.decode_partition_size,
             out=out[:rows],
         )
     prefill = meta.prefill_layout()

@@ -72,3 +72,50 @@ def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeyp
     assert static.shape == eager.shape == (len(sampling), engine.model_config.vocab_size)
     assert rel_err(eager, reference) < 3e-3
     assert rel_err(static, eager) < 1e-3
+
+
+def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, monkeypatch):
+    """Arrivals while others decode, chunked prompts, and a small step after a large one (stale buffers of
+    the larger bucket): every step's logits, and so every token, as the eager engine's."""
+    monkeypatch.setattr(attention, "runs_on_kernels", lambda x: True)
+    monkeypatch.setattr(attention.decode_ops_cpu, "available", lambda q: False)
+    max_tokens = 200  # buckets 64, 128 and 200
+    replays: list[int] = []  # tokens of each step the static runner ran
+
+    def run(static: bool) -> tuple[dict[str, list[int]], list[torch.Tensor]]:
+        config = EngineConfig(
+            model=str(tiny_llama),
+            dtype="float16",
+            enforce_eager=True,
+            max_num_seqs=6,
+            max_num_batched_tokens=max_tokens,
+            max_model_len=256,
+        )
+        engine = Engine(config)
+        if static:
+            engine.runner.mixed_graphs = MixedGraphRunner(
+                engine.model, 6, max_tokens, engine.max_model_len, config.block_size, capture=False
+            )
+            mixed = engine.runner.mixed_graphs
+            assert mixed.buckets == [64, 128, 200]
+            mixed.run = lambda inputs, run=mixed.run: replays.append(len(inputs.input_ids)) or run(inputs)
+        logits, execute = [], engine.runner.execute
+        engine.runner.execute = lambda inputs: logits.append(execute(inputs)) or logits[-1]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        arrivals = {0: [40, 7, 3], 2: [150], 5: [2, 33], 9: [1, 60]}
+        tokens: dict[str, list[int]] = {}
+        for step in range(40):
+            for n in arrivals.get(step, []):
+                engine.add_request(list(range(5 + step, 5 + step + n)), params, f"{step}-{n}")
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        assert not engine.has_unfinished()
+        return tokens, logits
+
+    eager_tokens, eager_logits = run(False)
+    static_tokens, static_logits = run(True)
+    assert static_tokens == eager_tokens
+    assert max(replays) > 128 and min(replays) <= 64  # the largest bucket, then smaller ones after it
+    assert len(static_logits) == len(eager_logits)
+    for a, b in zip(static_logits, eager_logits):
+        assert a.shape == b.shape and (not a.numel() or rel_err(a, b) < 1e-3)
