@@ -11,12 +11,14 @@ rows; lm_head runs after it on exactly those rows.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from perfxllm.engine.cuda_graph import capture as capture_graphs
 from perfxllm.engine.model_runner import StepInputs
-from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor
+from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor, leading_decodes
 
 BUCKETS = (64, 128, 256, 384, 512, 768, 1024)
 DECODE_PARTS = 16
@@ -84,11 +86,9 @@ class MixedGraphRunner:
 
         t, lens = len(inputs.input_ids), inputs.query_lens
         bucket = next(x for x in self.buckets if x >= t)
-        decodes = next((i for i, n in enumerate(lens) if n != 1), len(lens))
+        decodes = leading_decodes(lens)
         pad_seqs = [0] * (self.max_seqs - len(lens))
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
+        cu = [0, *itertools.accumulate(lens)]
         copies = [
             (self.input_ids[:t], inputs.input_ids),
             (self.positions[:t], inputs.positions),

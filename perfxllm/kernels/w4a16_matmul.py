@@ -117,6 +117,14 @@ def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
 
 
 @triton.jit
+def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
+    """Rows offs_m's scale and bias of one K group, float32 [R] each."""
+    s = tl.load(s_ptr + group * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    b = tl.load(b_ptr + group * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    return s, b
+
+
+@triton.jit
 def _split_range(pid_k, num_splits, K, BLOCK_K: tl.constexpr):
     """The K tiles [start, end) of split pid_k."""
     num_iters = K // BLOCK_K
@@ -175,9 +183,7 @@ def _w4_gemv_kernel(
     for it in tl.range(it_start, it_end, num_stages=STAGES):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
-        grp = k0 // G
-        s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-        b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
         lo = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over low nibbles of (1 + q / 2048) x
         hi = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over high nibbles of (1 + q / 128) x
         x_lo_sum = tl.zeros([W], dtype=tl.float32)
@@ -240,9 +246,7 @@ def _w4_gemm_kernel(
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + k0 // 8, mask=mask_m[:, None], other=0)
-        grp = k0 // G
-        s = tl.load(s_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-        b = tl.load(b_ptr + grp * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
         w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
         x = tl.load(x_ptrs + k0, mask=mask_n[:, None], other=0)
         acc = tl.dot(w, tl.trans(x), acc)
@@ -281,8 +285,7 @@ def _w4_dequant_kernel(
         mask=mask_m[:, None],
         other=0,
     )
-    s = tl.load(s_ptr + (k0 // G) * M + offs_m, mask=mask_m, other=0).to(tl.float32)
-    b = tl.load(b_ptr + (k0 // G) * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
     w = _dequantize(q, s[:, None], b[:, None], one_bits, out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_r[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out_ptrs, w, mask=mask_m[:, None])

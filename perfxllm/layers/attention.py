@@ -20,6 +20,11 @@ from perfxllm.kernels import decode_ops_cpu, runs_on_kernels
 from perfxllm.layers.rotary import apply_rope
 
 
+def leading_decodes(query_lens: list[int]) -> int:
+    """How many sequences at the front of a step have one new token each."""
+    return next((i for i, n in enumerate(query_lens) if n != 1), len(query_lens))
+
+
 @dataclass
 class PrefillLayout:
     """Where a step's prompt chunks are, for the prefill kernel (see perfxllm.kernels.rope_attention_prefill):
@@ -55,15 +60,12 @@ class AttentionMetadata:
     # of mixed steps sets both for its largest batch: rows with context 0 and empty tiles are skipped.
     decode_rows: int | None = None
     prefill: PrefillLayout | None = None
-    decode_partition_size: int | None = (
-        None  # flash-decoding's tokens per partition (None: sized for the batch)
-    )
+    # flash-decoding's tokens per partition (None: sized for the batch)
+    decode_partition_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.decode_rows is None:
-            self.decode_rows = next(
-                (i for i, n in enumerate(self.query_lens) if n != 1), len(self.query_lens)
-            )
+            self.decode_rows = leading_decodes(self.query_lens)
 
     def prefill_layout(self) -> PrefillLayout | None:
         """The prompt chunks' layout, made on first use (once a step, not once a layer); None: none."""
