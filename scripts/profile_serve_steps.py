@@ -24,7 +24,7 @@ import time
 import torch
 
 from perfxllm.bench import current_commit
-from perfxllm.bench.e2e_gpu import _kernel_times
+from perfxllm.bench.e2e_gpu import kernel_times
 from perfxllm.bench.serve import synthesize
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
@@ -78,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if args.device == "cuda" and len(steps) >= args.profile_after and len(host) < 2:
             if min(len(p) for p in profiled.values()) < 3:  # first the GPU's view of a few steps
-                total, top = _kernel_times(lambda out=out: out.extend(engine.step()))
+                total, top = kernel_times(lambda out=out: out.extend(engine.step()))
                 kind = "decode" if len(out) == running else "mixed"
                 if len(profiled[kind]) < 3:
                     wall = (time.perf_counter() - t0) * 1e3

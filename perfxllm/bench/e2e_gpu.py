@@ -128,7 +128,7 @@ def bench_engine(
     return rows
 
 
-def _kernel_times(run: Callable[[], object]) -> tuple[float, dict[str, float]]:
+def kernel_times(run: Callable[[], object]) -> tuple[float, dict[str, float]]:
     """GPU time of every kernel that run() launches (torch.profiler): (total ms, the top 12 by name)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
@@ -172,12 +172,12 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
         replay_ms = start.elapsed_time(end) / 20
     runner = engine.runner
     graphs, mixed, runner.graphs, runner.mixed_graphs = runner.graphs, runner.mixed_graphs, None, None
-    decode_total, decode_top = _kernel_times(engine.step)  # one eager decode step
+    decode_total, decode_top = kernel_times(engine.step)  # one eager decode step
     runner.graphs, runner.mixed_graphs = graphs, mixed
     while engine.has_unfinished():
         engine.step()
     engine.add_request(list(range(4, 4 + prompt_len)), params)
-    prefill_total, prefill_top = _kernel_times(engine.step)
+    prefill_total, prefill_top = kernel_times(engine.step)
     while engine.has_unfinished():
         engine.step()
     return {
