@@ -38,9 +38,9 @@ import torch
 
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
-from perfxllm.engine.engine import Engine, RequestOutput
+from perfxllm.engine.engine import Engine, InFlight, RequestOutput
 from perfxllm.engine.model_runner import ModelRunner, StepInputs
-from perfxllm.engine.sampler import Sample, Sampler
+from perfxllm.engine.sampler import SampledBatch, Sampler
 from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
 from perfxllm.engine.sequence import Sequence
 from perfxllm.model.loader import open_checkpoint
@@ -83,7 +83,7 @@ class TimedScheduler(Scheduler):
 class TimedSampler(Sampler):
     timer: Timer
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
         with self.timer.phase("sample"):
             samples = super().__call__(logits, seqs)
         with self.timer.phase("argmax"):  # the same argmax again, alone, for the tensor work it stands for
@@ -101,11 +101,13 @@ class StubRunner(ModelRunner):
         self.base = torch.rand(max_seqs, vocab, generator=self.gen, device=device)
         self.base[:, tokens:] = float("-inf")  # ids the tokenizer does not have are never drawn
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+    def prepare(
+        self, batch: ScheduledBatch, drawn: SampledBatch | None = None
+    ) -> tuple[StepInputs, list[Sequence]]:
         with self.timer.phase("prepare"):
-            return super().prepare(batch)
+            return super().prepare(batch, drawn)
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def execute(self, inputs: StepInputs, drawn_tokens: torch.Tensor | None = None) -> torch.Tensor:
         rows = len(inputs.logit_rows)
         logits = self.base[:rows].clone()
         winners = torch.randint(self.tokens, (rows,), generator=self.gen, device=self.device)
@@ -133,10 +135,11 @@ class ProfiledEngine(Engine):
         tokens = min(tokenizer.vocab_size, args.vocab)
         self.runner = StubRunner(bs, args.vocab, tokens, args.num_seqs, self.timer, args.device)
         self.seqs, self.detokenizers, self._ids = {}, {}, itertools.count()
+        self._in_flight, self.async_scheduling = None, False
 
-    def _postprocess(self, batch: ScheduledBatch, samples: dict[str, Sample]) -> list[RequestOutput]:
-        with self.timer.phase("postprocess"):
-            return super()._postprocess(batch, samples)
+    def _postprocess(self, step: InFlight) -> list[RequestOutput]:
+        with self.timer.phase("postprocess"):  # waits for the draws' copy to the host
+            return super()._postprocess(step)
 
 
 def main() -> None:

@@ -62,8 +62,7 @@ def timed_generation(engine: Engine, batch: int, prompt_len: int, gen_len: int, 
     while engine.has_unfinished():
         for out in engine.step():
             started.add(out.request_id)
-        if t_first is None and len(started) == batch:
-            torch.cuda.synchronize()
+        if t_first is None and len(started) == batch:  # every first token is on the host
             t_first = time.perf_counter()
     torch.cuda.synchronize()
     t_end = time.perf_counter()

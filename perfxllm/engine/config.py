@@ -24,6 +24,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
     enforce_eager: bool = False  # True: decode through the module tree, not the CUDA graphs / CPU C loop
+    # A step's host work (the previous step's outputs, this one's inputs) runs while the device computes,
+    # and outputs come a step later. None: on the GPU, where the device runs behind the host.
+    async_scheduling: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -121,7 +121,7 @@ class CPUGraphRunner:
 
     def run(
         self,
-        input_ids: list[int],
+        input_ids: torch.Tensor,
         positions: list[int],
         slots: list[int],
         context_lens: list[int],
@@ -131,10 +131,10 @@ class CPUGraphRunner:
         next step overwrites)."""
         b = len(input_ids)
         tables = block_table_tensor(block_tables)
-        ids, pos, slot = torch.tensor([input_ids, positions, slots], dtype=torch.int64)  # one allocation
+        pos, slot = torch.tensor([positions, slots], dtype=torch.int64)  # one allocation
         lens = torch.tensor(context_lens, dtype=torch.int32)
         self._decode(
-            ctypes.byref(self.model_struct), b, ids.data_ptr(), pos.data_ptr(), slot.data_ptr(),
+            ctypes.byref(self.model_struct), b, input_ids.data_ptr(), pos.data_ptr(), slot.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), self.work.data_ptr(), self.hidden.data_ptr(),
             self.logits.data_ptr(),
         )  # fmt: skip

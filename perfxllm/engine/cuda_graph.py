@@ -62,7 +62,7 @@ class CUDAGraphRunner:
 
     def run(
         self,
-        input_ids: list[int],
+        input_ids: torch.Tensor,
         positions: list[int],
         slots: list[int],
         context_lens: list[int],
@@ -72,7 +72,7 @@ class CUDAGraphRunner:
         output: read it before the next step)."""
         b = len(input_ids)
         bucket = next(x for x in self.buckets if x >= b)
-        self.input_ids[:b].copy_(torch.tensor(input_ids), non_blocking=True)
+        self.input_ids[:b].copy_(input_ids)
         self.positions[:b].copy_(torch.tensor(positions), non_blocking=True)
         self.slot_mapping[:b].copy_(torch.tensor(slots), non_blocking=True)
         self.slot_mapping[b:bucket].fill_(-1)

@@ -20,9 +20,9 @@ from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
 from perfxllm.engine.model_runner import ModelRunner
-from perfxllm.engine.sampler import Sample, Sampler
+from perfxllm.engine.sampler import Sample, SampledBatch, Sampler
 from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
-from perfxllm.engine.sequence import Sequence
+from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
 from perfxllm.errors import PerfxError, RequestError
 from perfxllm.kernels import runs_on_kernels
 from perfxllm.model.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
@@ -45,6 +45,14 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class InFlight:
+    """A launched step whose draws have not reached the host yet."""
+
+    batch: ScheduledBatch
+    drawn: SampledBatch
 
 
 def resolve_device(device: str) -> torch.device:
@@ -120,6 +128,10 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
+        self._in_flight: InFlight | None = None
+        self.async_scheduling = (
+            self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        )
 
     def _num_kv_blocks(self) -> int:
         per_block = bytes_per_block(
@@ -165,7 +177,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.seqs:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, list(prompt_ids), params)
+        max_num_tokens = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        seq = Sequence(request_id, list(prompt_ids), params, max_num_tokens=max_num_tokens)
         self.seqs[request_id] = seq
         self.detokenizers[request_id] = Detokenizer(self.tokenizer, params.stop, prompt_ids)
         self.scheduler.add(seq)
@@ -177,27 +190,44 @@ class Engine:
             self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished()  # a sequence whose last token is in flight is still running
 
     # -- the loop -------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Launch a step, finish the previous one while the device runs this one, then queue this one's
+        sampling. With async scheduling the host's work hides behind the device's (as vLLM's async
+        scheduling and SGLang's overlap scheduler do): the outputs are the previous step's, and a sequence
+        that stops on a drawn token has been given one more step, whose token is dropped. Without it, the
+        step is finished before returning."""
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
-        logits, sampling_seqs = self.runner.run(batch)
-        samples = self.sampler(logits, sampling_seqs)
-        return self._postprocess(batch, dict(zip((s.request_id for s in sampling_seqs), samples)))
+        previous, self._in_flight = self._in_flight, None
+        if batch is not None:
+            logits, sampling_seqs = self.runner.run(batch, previous.drawn if previous else None)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+        outputs = self._postprocess(previous) if previous else []
+        if batch is not None:
+            live = [i for i, seq in enumerate(sampling_seqs) if seq.status is not Status.FINISHED]
+            if len(live) < len(sampling_seqs):  # stopped on the previous step's token, or aborted
+                logits, sampling_seqs = logits[live], [sampling_seqs[i] for i in live]
+            self._in_flight = InFlight(batch, self.sampler(logits, sampling_seqs))
+            for seq in sampling_seqs:
+                seq.token_ids.append(PENDING_TOKEN)
+            if not self.async_scheduling:
+                outputs += self._postprocess(self._in_flight)
+                self._in_flight = None
+        return outputs
 
-    def _postprocess(self, batch: ScheduledBatch, samples: dict[str, Sample]) -> list[RequestOutput]:
+    def _postprocess(self, step: InFlight) -> list[RequestOutput]:
         outputs = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_blocks(seq)
-            sample = samples.get(seq.request_id)
-            if sample is None:  # a prompt chunk that is not the last
+        for seq, sample in zip(step.drawn.seqs, step.drawn.samples()):
+            if seq.status is Status.FINISHED:  # aborted while its token was drawn
                 continue
-            seq.token_ids.append(sample.token_id)
+            seq.token_ids[-1] = sample.token_id
             outputs.append(self._output_for(seq, sample))
+        for seq in step.batch.seqs:
+            if seq.status is not Status.FINISHED:
+                self.block_manager.register_full_blocks(seq)
         return outputs
 
     def _output_for(self, seq: Sequence, sample: Sample) -> RequestOutput:
@@ -210,7 +240,7 @@ class Engine:
             text, hit_stop = detok.add(token)
             if hit_stop:
                 reason = "stop"
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            elif seq.num_tokens >= seq.max_num_tokens:
                 reason = "length"
                 text += detok.flush()
         out = RequestOutput(

@@ -80,8 +80,8 @@ class MixedGraphRunner:
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
         return num_tokens <= self.buckets[-1] and num_seqs <= self.max_seqs
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """The step's logits float32 [S, vocab], S = len(inputs.logit_rows)."""
+    def run(self, input_ids: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
+        """The step's logits float32 [S, vocab], S = len(inputs.logit_rows); input_ids on the device."""
         from perfxllm.kernels.rope_attention_prefill import prefill_tiles
 
         t, lens = len(inputs.input_ids), inputs.query_lens
@@ -89,8 +89,8 @@ class MixedGraphRunner:
         decodes = leading_decodes(lens)
         pad_seqs = [0] * (self.max_seqs - len(lens))
         cu = [0, *itertools.accumulate(lens)]
+        self.input_ids[:t].copy_(input_ids)
         copies = [
-            (self.input_ids[:t], inputs.input_ids),
             (self.positions[:t], inputs.positions),
             (self.slot_mapping[:t], inputs.slots),
             (self.context_lens, inputs.context_lens[:decodes] + [0] * (self.max_seqs - decodes)),

@@ -10,8 +10,9 @@ from torch import nn
 
 from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
+from perfxllm.engine.sampler import SampledBatch
 from perfxllm.engine.scheduler import ScheduledBatch
-from perfxllm.engine.sequence import Sequence
+from perfxllm.engine.sequence import PENDING_TOKEN, Sequence
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ class StepInputs:
     context_lens: list[int]  # tokens in the cache per sequence after this step
     block_tables: list[list[int]]
     logit_rows: list[int]  # the tokens whose next-token logits are wanted (each sampling sequence's last)
+    # (index in input_ids, row of the previous step's draws) of each token still being drawn on the device
+    pending: list[tuple[int, int]]
 
 
 class ModelRunner:
@@ -47,11 +50,15 @@ class ModelRunner:
         self.mixed_graphs = mixed_graphs  # steps with prompt tokens, on the GPU
         self.tp = tp  # set on rank 0 of a tensor-parallel group: it broadcasts each step to the others
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, list[Sequence]]:
+    def prepare(
+        self, batch: ScheduledBatch, drawn: SampledBatch | None = None
+    ) -> tuple[StepInputs, list[Sequence]]:
+        """drawn: the previous step's draws, whose tokens (PENDING_TOKEN on the host) are inputs here."""
         # sequences with one new token first: the GPU attends to them with flash-decoding, to the rest with
         # prefill attention (AttentionMetadata.decode_rows)
         order = sorted(zip(batch.seqs, batch.num_new_tokens), key=lambda seq_n: seq_n[1] != 1)
-        inputs = StepInputs([], [], [], [n for _, n in order], [], [], [])
+        inputs = StepInputs([], [], [], [n for _, n in order], [], [], [], [])
+        drawn_rows = {id(seq): i for i, seq in enumerate(drawn.seqs)} if drawn else {}
         sampling: list[Sequence] = []
         bs = self.block_size
         for seq, n in order:
@@ -63,29 +70,42 @@ class ModelRunner:
             inputs.context_lens.append(start + n)
             inputs.block_tables.append(seq.block_table)
             if start + n == seq.num_tokens:
+                if seq.token_ids[-1] == PENDING_TOKEN:
+                    inputs.pending.append((len(inputs.input_ids) - 1, drawn_rows[id(seq)]))
                 inputs.logit_rows.append(len(inputs.input_ids) - 1)
                 sampling.append(seq)
         return inputs, sampling
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Sequence]]:
-        """Logits float32 [S, vocab] for the S sequences whose step ends on their last token (they sample)."""
-        inputs, sampling = self.prepare(batch)
-        if self.tp is not None:
+    def run(
+        self, batch: ScheduledBatch, drawn: SampledBatch | None = None
+    ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Logits float32 [S, vocab] for the S sequences whose step ends on their last token (they sample).
+        On the GPU the step is only launched: nothing here waits for the device."""
+        inputs, sampling = self.prepare(batch, drawn)
+        if self.tp is not None:  # the other ranks cannot see the draws: they get the tokens themselves
+            tokens = drawn.tokens.tolist() if inputs.pending else []
+            for i, row in inputs.pending:
+                inputs.input_ids[i] = tokens[row]
+            inputs.pending = []
             self.tp.broadcast(inputs)
-        return self.execute(inputs), sampling
+        return self.execute(inputs, drawn.tokens if drawn else None), sampling
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def execute(self, inputs: StepInputs, drawn_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        ids = torch.tensor(inputs.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        if inputs.pending:
+            index, rows = torch.tensor(inputs.pending).to(self.device, non_blocking=True).unbind(1)
+            ids[index] = drawn_tokens[rows]
         if self.graphs and max(inputs.query_lens) == 1 and self.graphs.can_run(len(inputs.query_lens)):
             logits = self.graphs.run(
-                inputs.input_ids, inputs.positions, inputs.slots, inputs.context_lens, inputs.block_tables
+                ids, inputs.positions, inputs.slots, inputs.context_lens, inputs.block_tables
             )
             # Every row samples unless a prompt chunk of one token is not its prompt's last: then select (a
             # copy of [rows, vocab] floats, 131 MB at 256 x 128256, that a full decode step does not need).
             return logits if len(inputs.logit_rows) == len(logits) else logits[inputs.logit_rows]
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
-            return self.mixed_graphs.run(inputs)
+            return self.mixed_graphs.run(ids, inputs)
         to = dict(device=self.device)
         meta = AttentionMetadata(
             query_lens=inputs.query_lens,
@@ -94,7 +114,6 @@ class ModelRunner:
             block_tables=block_table_tensor(inputs.block_tables, self.device),
             max_context_len=max(inputs.context_lens),
         )
-        ids = torch.tensor(inputs.input_ids, dtype=torch.int64, **to)
         hidden = self.model(ids, torch.tensor(inputs.positions, dtype=torch.int64, **to), meta)
         return self.model.compute_logits(hidden[inputs.logit_rows])
 

@@ -42,9 +42,9 @@ class Sampler:
         self.seeded.pop(seq.request_id, None)
 
     @torch.inference_mode()  # penalties edit the logits in place: the model runner's are inference tensors
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
-        """logits float32 [S, vocab], one row per sequence. The tokens stay on the device until one copy to
-        the host at the end, so a GPU step waits for the device once, not once per sequence."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+        """logits float32 [S, vocab], one row per sequence. On the GPU this only queues the work: the tokens
+        stay on the device for the next step's inputs and copy to the host behind it."""
         apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
         for i, seq in enumerate(seqs):
@@ -52,19 +52,46 @@ class Sampler:
             if not p.greedy:
                 probs = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
                 tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(seq))[0]
-        samples = [Sample(t) for t in tokens.tolist()]
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        found: list[torch.Tensor] = []
         if wanted:
             logprobs = torch.log_softmax(logits[wanted], dim=-1)
-            chosen = logprobs.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1).tolist()
+            found.append(logprobs.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1))
             top_k = max(seqs[i].params.logprobs for i in wanted)
-            top = logprobs.topk(top_k, dim=-1) if top_k else None
-            top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top else ([], [])
-            for j, i in enumerate(wanted):
-                n = seqs[i].params.logprobs
-                samples[i].logprob = chosen[j]
-                if n > 0:
-                    samples[i].top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
+            if top_k:
+                found.extend(logprobs.topk(top_k, dim=-1))
+        return SampledBatch(seqs, tokens, wanted, [tokens, *found])
+
+
+class SampledBatch:
+    """One step's draws, made on the device and on their way to the host: `tokens` feeds the next step's
+    inputs at once, `samples()` waits for the copies."""
+
+    def __init__(
+        self, seqs: list[Sequence], tokens: torch.Tensor, wanted: list[int], found: list[torch.Tensor]
+    ) -> None:
+        self.seqs, self.tokens, self.wanted = seqs, tokens, wanted
+        pin = tokens.device.type == "cuda"
+        self._host = [
+            torch.empty(t.shape, dtype=t.dtype, pin_memory=pin).copy_(t, non_blocking=pin) for t in found
+        ]
+        self._ready = None
+        if pin:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def samples(self) -> list[Sample]:
+        """One Sample per sequence, in order (with logprobs where asked)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, *found = (t.tolist() for t in self._host)
+        samples = [Sample(t) for t in tokens]
+        chosen, top_vals, top_ids = [*found, [], [], []][:3]
+        for j, i in enumerate(self.wanted):
+            n = self.seqs[i].params.logprobs
+            samples[i].logprob = chosen[j]
+            if n > 0:
+                samples[i].top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
         return samples
 
 

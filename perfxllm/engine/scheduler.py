@@ -49,6 +49,8 @@ class Scheduler:
         running = deque(sorted(self.running, key=lambda s: s.seq_no))
         while running and budget > 0:
             seq = running.popleft()
+            if seq.num_tokens >= seq.max_num_tokens:  # its last token is in flight (Engine.step)
+                continue
             n = min(seq.num_uncomputed, budget)
             while not self.block_manager.can_append(seq, n):
                 victim = running.pop() if running else seq

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import sys
 from dataclasses import dataclass, field
 
 from perfxllm.sampling_params import SamplingParams
 
 _ids = itertools.count()
+PENDING_TOKEN = -1  # a token being drawn on the device (Engine.step): its id reaches the host a step later
 
 
 class Status(enum.Enum):
@@ -29,6 +31,9 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     seq_no: int = field(default_factory=lambda: next(_ids))  # arrival order, for FCFS
+    # prompt plus max_tokens, within the context: a sequence this long is done, and is not scheduled while
+    # its last token is still being drawn
+    max_num_tokens: int = sys.maxsize
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)

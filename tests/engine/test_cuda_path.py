@@ -34,8 +34,9 @@ def cpu_reference() -> list[list[int]]:
     return greedy_tokens(device="cpu", dtype="float32")
 
 
-def test_float32_on_cuda_equals_cpu(cpu_reference):
-    assert greedy_tokens(device="cuda", dtype="float32") == cpu_reference
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_float32_on_cuda_equals_cpu(cpu_reference, async_scheduling):
+    assert greedy_tokens(device="cuda", dtype="float32", async_scheduling=async_scheduling) == cpu_reference
 
 
 @pytest.mark.parametrize("quantization", [None, "int4"])

@@ -67,16 +67,18 @@ def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeyp
         -1, *engine.model.layers[0].self_attn.k_cache.shape[2:]
     )
     kept = k_cache[first_slot].clone()
-    static = mixed.run(inputs)
+    static = mixed.run(torch.tensor(inputs.input_ids), inputs)
     assert torch.equal(k_cache[first_slot], kept)
     assert static.shape == eager.shape == (len(sampling), engine.model_config.vocab_size)
     assert rel_err(eager, reference) < 3e-3
     assert rel_err(static, eager) < 1e-3
 
 
-def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, monkeypatch, async_scheduling):
     """Arrivals while others decode, chunked prompts, and a small step after a large one (stale buffers of
-    the larger bucket): every step's logits, and so every token, as the eager engine's."""
+    the larger bucket): every step's logits, and so every token, as the eager engine's. With async
+    scheduling the decodes' input tokens are still on the device when the step is prepared."""
     monkeypatch.setattr(attention, "runs_on_kernels", lambda x: True)
     monkeypatch.setattr(attention.decode_ops_cpu, "available", lambda q: False)
     max_tokens = 200  # buckets 64, 128 and 200
@@ -90,6 +92,7 @@ def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, mon
             max_num_seqs=6,
             max_num_batched_tokens=max_tokens,
             max_model_len=256,
+            async_scheduling=async_scheduling,
         )
         engine = Engine(config)
         if static:
@@ -98,9 +101,9 @@ def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, mon
             )
             mixed = engine.runner.mixed_graphs
             assert mixed.buckets == [64, 128, 200]
-            mixed.run = lambda inputs, run=mixed.run: replays.append(len(inputs.input_ids)) or run(inputs)
+            mixed.run = lambda ids, inputs, run=mixed.run: replays.append(len(ids)) or run(ids, inputs)
         logits, execute = [], engine.runner.execute
-        engine.runner.execute = lambda inputs: logits.append(execute(inputs)) or logits[-1]
+        engine.runner.execute = lambda *args: logits.append(execute(*args)) or logits[-1]
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         arrivals = {0: [40, 7, 3], 2: [150], 5: [2, 33], 9: [1, 60]}
         tokens: dict[str, list[int]] = {}

@@ -28,7 +28,7 @@ def seq(prompt: list[int] | None = None, output: list[int] = (), rid: str = "r",
 def draws(logits: list[float], n: int = N, seed: int = 0, **params) -> torch.Tensor:
     """n independent draws from one row of logits: the row repeated over n sequences of one batch."""
     seqs = [seq(rid=f"r{i}", **params) for i in range(n)]
-    samples = sampler(seed)(torch.tensor([logits] * n), seqs)
+    samples = sampler(seed)(torch.tensor([logits] * n), seqs).samples()
     return torch.tensor([s.token_id for s in samples])
 
 
@@ -44,7 +44,7 @@ def test_greedy_is_argmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 50, generator=g)
     seqs = [seq(rid=f"r{i}", temperature=0.0, top_k=3, top_p=0.5) for i in range(5)]
-    samples = sampler()(logits.clone(), seqs)
+    samples = sampler()(logits.clone(), seqs).samples()
     assert [s.token_id for s in samples] == logits.argmax(-1).tolist()
 
 
@@ -151,7 +151,7 @@ def test_repetition_penalty_changes_what_is_sampled():
         seq([0, 3], rid="a", temperature=0.0),
         seq([0, 3], rid="b", temperature=0.0, repetition_penalty=2.0),
     ]
-    samples = sampler()(logits, seqs)
+    samples = sampler()(logits, seqs).samples()
     assert [s.token_id for s in samples] == [0, 1]  # 2.0 / 2 = 1.0 < 1.5
     # A token in the prompt loses probability; the negative one goes further down (-3 * 2).
     raw = torch.tensor([2.0, 1.5, 0.0, -3.0])
@@ -195,7 +195,7 @@ def test_penalties_change_greedy_choice_and_stay_per_row():
         seq([0], [1, 1], rid="freq", temperature=0.0, frequency_penalty=1.0),
         seq([0], [1], rid="pres", temperature=0.0, presence_penalty=2.0),
     ]
-    assert [s.token_id for s in sampler()(logits, seqs)] == [1, 2, 2]
+    assert [s.token_id for s in sampler()(logits, seqs).samples()] == [1, 2, 2]
 
 
 def test_no_output_no_presence_penalty():
@@ -250,7 +250,7 @@ def sample_run(s: Sequence, n: int = 20, engine_seed: int = 0, companions: int =
     out = []
     for _ in range(n):
         batch = [*others[: companions // 2], s, *others[companions // 2 :]]
-        samples = smp(FLAT.repeat(len(batch), 1), batch)
+        samples = smp(FLAT.repeat(len(batch), 1), batch).samples()
         out.append(samples[batch.index(s)].token_id)
     return out
 
@@ -274,9 +274,9 @@ def test_unseeded_requests_share_the_engine_generator():
 def test_release_forgets_the_seeded_generator():
     smp = sampler()
     s = seq(rid="x", seed=7)
-    first = [smp(FLAT.clone(), [s])[0].token_id for _ in range(5)]
+    first = [smp(FLAT.clone(), [s]).samples()[0].token_id for _ in range(5)]
     smp.release(s)
-    assert [smp(FLAT.clone(), [s])[0].token_id for _ in range(5)] == first
+    assert [smp(FLAT.clone(), [s]).samples()[0].token_id for _ in range(5)] == first
 
 
 # -- logprobs -------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_logprobs(temperature):
         seq(rid="b", temperature=temperature, logprobs=0),
         seq(rid="c", temperature=temperature),
     ]
-    samples = sampler()(logits.clone(), seqs)
+    samples = sampler()(logits.clone(), seqs).samples()
     ref = torch.log_softmax(logits, -1)
     a, b, c = samples
     assert a.logprob == pytest.approx(float(ref[0, a.token_id]), abs=1e-5)
@@ -340,7 +340,7 @@ def test_tiny_temperature_is_greedy_not_a_crash():
     """logits / 1e-40 overflows to inf and multinomial would raise, failing the whole batch."""
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     for t in (1e-40, 1e-8):
-        assert sampler()(logits.clone(), [seq(temperature=t)])[0].token_id == 1
+        assert sampler()(logits.clone(), [seq(temperature=t)]).samples()[0].token_id == 1
 
 
 @pytest.mark.parametrize("penalty", [1e-300, 1e300, float("inf")])
@@ -348,7 +348,7 @@ def test_extreme_repetition_penalty_samples_without_nan(penalty):
     """Penalised logits of +-inf (or NaN: 0 * inf) must not make the whole batch fail."""
     logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]] * 2)
     seqs = [seq([0, 1, 2], rid="bad", repetition_penalty=penalty), seq(rid="ok", seed=1)]
-    samples = sampler()(logits, seqs)
+    samples = sampler()(logits, seqs).samples()
     assert all(0 <= s.token_id < 4 for s in samples)
     if penalty < 1:
         assert samples[0].token_id == 0  # 2.0 / 1e-300 is the largest by far
@@ -360,4 +360,4 @@ def test_seed_range():
     with pytest.raises(RequestError):
         SamplingParams(seed=-(2**63) - 1)
     for s in (-1, 2**64 - 1):
-        assert sampler()(FLAT.clone(), [seq(seed=s)])[0].token_id in range(50)
+        assert sampler()(FLAT.clone(), [seq(seed=s)]).samples()[0].token_id in range(50)

@@ -37,7 +37,7 @@ def test_engine_failure_fails_only_the_requests_in_flight(server):
     runner = server.engine.runner
     real_run = runner.run
 
-    def fail_once(batch):
+    def fail_once(*args):
         runner.run = real_run
         raise RuntimeError("injected fault")
 
