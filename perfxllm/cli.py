@@ -55,6 +55,13 @@ def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) 
         default=2048,
         help="tokens per step; longer prompts are prefilled in chunks (default: 2048)",
     )
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="make a step's outputs and the next step's inputs while the device runs; outputs come a step "
+        "later (default: on with a GPU)",
+    )
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -100,6 +107,7 @@ def engine_options(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -4,8 +4,8 @@
         [--num-requests 1000] [--max-num-seqs 256] [--max-num-batched-tokens 8192] [--out steps.json]
 
 Runs the offline benchmark's workload (the same synthesized requests, all added at once, EOS ignored) on the
-real Engine and times every step, split into decode-only steps (replayed from a CUDA graph) and mixed steps
-(some prompt tokens: eager). Then it profiles a few steps of each kind with torch.profiler (the GPU time of
+real Engine and times every step, split into decode-only steps and steps with prompt tokens, by what each
+step launched (with async scheduling a step's outputs are the previous step's). Then it profiles a few steps of each kind with torch.profiler (the GPU time of
 their kernels against their wall time says whether a step waits on the host or on the GPU) and one of each
 with cProfile (where the host's time goes).
 """
@@ -71,31 +71,48 @@ def main() -> None:
         params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
         engine.add_request(engine.tokenizer.encode(r.prompt), params)
 
+    # the kind of step each engine.step() launches: decode-only when every scheduled sequence runs one token
+    launched: list[str] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        launched.append(
+            "none" if batch is None else "decode" if batch.num_tokens == len(batch.seqs) else "mixed"
+        )
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
     steps, profiled, host = [], {"decode": [], "mixed": []}, {}
     start = time.perf_counter()
     while engine.has_unfinished():
-        running, out = len(engine.scheduler.running), []
+        running = len(engine.scheduler.running)
         t0 = time.perf_counter()
         if args.device == "cuda" and len(steps) >= args.profile_after and len(host) < 2:
             if min(len(p) for p in profiled.values()) < 3:  # first the GPU's view of a few steps
-                total, top = kernel_times(lambda out=out: out.extend(engine.step()))
-                kind = "decode" if len(out) == running else "mixed"
-                if len(profiled[kind]) < 3:
+                total, top = kernel_times(engine.step)
+                if len(profiled[launched[-1]]) < 3:
                     wall = (time.perf_counter() - t0) * 1e3
-                    profiled[kind].append(
+                    profiled[launched[-1]].append(
                         {"wall_ms": wall, "kernel_ms": total, "running": running, "top": top}
                     )
             else:  # then the host's: Python functions by own time
-                top, out = host_profile(engine)
-                host.setdefault("decode" if len(out) == running else "mixed", top)
+                top, _ = host_profile(engine)
+                host.setdefault(launched[-1], top)
             continue
         out = engine.step()
-        steps.append({"ms": (time.perf_counter() - t0) * 1e3, "running": running, "outputs": len(out)})
+        steps.append(
+            {
+                "ms": (time.perf_counter() - t0) * 1e3,
+                "running": running,
+                "outputs": len(out),
+                "kind": launched[-1],
+            }
+        )
     duration = time.perf_counter() - start
 
-    # a step whose every running sequence produced a token and no new one joined is decode-only
-    decode = [s["ms"] for s in steps if s["outputs"] == s["running"]]
-    mixed = [s["ms"] for s in steps if s["outputs"] != s["running"]]
+    decode = [s["ms"] for s in steps if s["kind"] == "decode"]
+    mixed = [s["ms"] for s in steps if s["kind"] == "mixed"]
     summary = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "commit": current_commit(),

@@ -28,9 +28,13 @@ def assert_clean_error(result: subprocess.CompletedProcess, *needles: str) -> No
 
 
 def test_generate_greedy_on_tiny_model(tiny_llama):
-    r = perfxllm("generate", "-m", str(tiny_llama), "--temperature", "0", "--max-tokens", "8", "The quick")
+    args = ("generate", "-m", str(tiny_llama), "--temperature", "0", "--max-tokens", "8", "The quick")
+    r = perfxllm(*args)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr
+    overlapped = perfxllm(*args, "--async-scheduling")
+    assert overlapped.returncode == 0, overlapped.stderr
+    assert overlapped.stdout == r.stdout
 
 
 def test_missing_path():
