@@ -2,7 +2,7 @@
 it next to its torch baseline and the device-to-device copy bandwidth, and write
 <out-dir>/kernels-<gpu>.json and .png.
 
-Timing: medians of CUDA-graph replays (triton.testing.do_bench_cudagraph), so that kernels of a few
+Timing: medians of CUDA-graph replays (perfxllm.kernels._common.time_in_graph), so that kernels of a few
 microseconds are timed as the decode graphs run them, not with Python's launch overhead; inputs rotate
 among enough copies that the weights never sit in L2 between runs.
 """
@@ -28,9 +28,10 @@ GEMV_SHAPES = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # (M 
 
 
 def _bench(fn: Callable[[], object]) -> float:
-    import triton
+    """Microseconds."""
+    from perfxllm.kernels._common import time_in_graph
 
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1000.0
+    return time_in_graph(fn, rep_ms=100) * 1000.0
 
 
 def _rotating(make: Callable[[], tuple], nbytes: int) -> Callable[[Callable], Callable[[], object]]:
