@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from perfxllm import LLM, SamplingParams
 from perfxllm.engine.cpu_graph import CPUGraphRunner
 
 
-def test_same_logits_and_tokens_as_the_module_tree(tiny_llama):
-    graph = LLM(str(tiny_llama), quantization="int4", device="cpu", max_num_seqs=4)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_same_logits_and_tokens_as_the_module_tree(tiny_llama, async_scheduling):
+    graph = LLM(
+        str(tiny_llama), quantization="int4", device="cpu", max_num_seqs=4, async_scheduling=async_scheduling
+    )
     eager = LLM(str(tiny_llama), quantization="int4", device="cpu", max_num_seqs=4, enforce_eager=True)
     assert isinstance(graph.engine.runner.graphs, CPUGraphRunner) and eager.engine.runner.graphs is None
 
