@@ -125,10 +125,13 @@ _timing_streams: dict[int, torch.cuda.Stream] = {}
 
 def time_in_graph(fn: Callable[[], object], rep_ms: float = 5.0) -> float:
     """Median milliseconds of one fn() replayed from a CUDA graph of about rep_ms of calls, as
-    triton.testing.do_bench_cudagraph times it, but always on the same side stream: cuBLAS keeps a workspace
-    for every stream it has run on, and do_bench_cudagraph's new stream per call left tens of MB behind for
-    each config that calls cuBLAS (0.4 GB after tuning a 7B model)."""
-    stream = _timing_streams.setdefault(torch.cuda.current_device(), torch.cuda.Stream())
+    triton.testing.do_bench_cudagraph times it, but always on the same side stream: PyTorch keeps a cuBLAS
+    workspace for every stream cuBLAS has run on, and do_bench_cudagraph takes another stream per call (a
+    process that had tuned a 7B int4 model held about 0.4 GB more than one that found the choices cached)."""
+    device = torch.cuda.current_device()
+    if device not in _timing_streams:
+        _timing_streams[device] = torch.cuda.Stream()
+    stream = _timing_streams[device]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(stream):
         fn()  # compiles
