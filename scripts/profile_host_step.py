@@ -38,7 +38,7 @@ import torch
 
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
-from perfxllm.engine.engine import Engine, InFlight, RequestOutput
+from perfxllm.engine.engine import Engine, RequestOutput
 from perfxllm.engine.model_runner import ModelRunner, StepInputs
 from perfxllm.engine.sampler import SampledBatch, Sampler
 from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -137,9 +137,9 @@ class ProfiledEngine(Engine):
         self.seqs, self.detokenizers, self._ids = {}, {}, itertools.count()
         self._in_flight, self.async_scheduling = None, False
 
-    def _postprocess(self, step: InFlight) -> list[RequestOutput]:
+    def _postprocess(self, drawn: SampledBatch) -> list[RequestOutput]:
         with self.timer.phase("postprocess"):  # waits for the draws' copy to the host
-            return super()._postprocess(step)
+            return super()._postprocess(drawn)
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
 from perfxllm.engine.model_runner import ModelRunner
-from perfxllm.engine.sampler import Sample, SampledBatch, Sampler
-from perfxllm.engine.scheduler import ScheduledBatch, Scheduler
+from perfxllm.engine.sampler import Sample, SampledBatch, Sampler, row_index
+from perfxllm.engine.scheduler import Scheduler
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
 from perfxllm.errors import PerfxError, RequestError
 from perfxllm.kernels import runs_on_kernels
@@ -45,14 +45,6 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[Sample] = field(default_factory=list)
-
-
-@dataclass
-class InFlight:
-    """A launched step whose draws have not reached the host yet."""
-
-    batch: ScheduledBatch
-    drawn: SampledBatch
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,7 +120,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.detokenizers: dict[str, Detokenizer] = {}
         self._ids = itertools.count()
-        self._in_flight: InFlight | None = None
+        self._in_flight: SampledBatch | None = None  # the last step's draws, not yet on the host
         self.async_scheduling = (
             self.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         )
@@ -200,34 +192,37 @@ class Engine:
         that stops on a drawn token has been given one more step, whose token is dropped. Without it, the
         step is finished before returning."""
         batch = self.scheduler.schedule()
-        previous, self._in_flight = self._in_flight, None
+        previous = self._in_flight
         if batch is not None:
-            logits, sampling_seqs = self.runner.run(batch, previous.drawn if previous else None)
-            for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                seq.num_computed_tokens += n
+            logits, sampling_seqs = self.runner.run(batch, previous)
+        self._in_flight = None  # after the launch: a launch that fails leaves the draws for the next step
         outputs = self._postprocess(previous) if previous else []
-        if batch is not None:
-            live = [i for i, seq in enumerate(sampling_seqs) if seq.status is not Status.FINISHED]
-            if len(live) < len(sampling_seqs):  # stopped on the previous step's token, or aborted
-                logits, sampling_seqs = logits[live], [sampling_seqs[i] for i in live]
-            self._in_flight = InFlight(batch, self.sampler(logits, sampling_seqs))
-            for seq in sampling_seqs:
-                seq.token_ids.append(PENDING_TOKEN)
-            if not self.async_scheduling:
-                outputs += self._postprocess(self._in_flight)
-                self._in_flight = None
+        if batch is None:
+            return outputs
+        live = [i for i, seq in enumerate(sampling_seqs) if seq.status is not Status.FINISHED]
+        if len(live) < len(sampling_seqs):  # stopped on the previous step's token, or aborted
+            logits, sampling_seqs = logits[row_index(live, logits.device)], [sampling_seqs[i] for i in live]
+        drawn = self.sampler(logits, sampling_seqs)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.status is not Status.FINISHED:
+                seq.num_computed_tokens += n
+                # every token the step ran is known here (the previous draw was just filled in): hash the
+                # blocks it filled before a finish frees them or a preemption empties the table
+                self.block_manager.register_full_blocks(seq)
+        for seq in sampling_seqs:
+            seq.token_ids.append(PENDING_TOKEN)
+        if not self.async_scheduling:
+            return outputs + self._postprocess(drawn)
+        self._in_flight = drawn
         return outputs
 
-    def _postprocess(self, step: InFlight) -> list[RequestOutput]:
+    def _postprocess(self, drawn: SampledBatch) -> list[RequestOutput]:
         outputs = []
-        for seq, sample in zip(step.drawn.seqs, step.drawn.samples()):
+        for seq, sample in zip(drawn.seqs, drawn.samples()):
             if seq.status is Status.FINISHED:  # aborted while its token was drawn
                 continue
             seq.token_ids[-1] = sample.token_id
             outputs.append(self._output_for(seq, sample))
-        for seq in step.batch.seqs:
-            if seq.status is not Status.FINISHED:
-                self.block_manager.register_full_blocks(seq)
         return outputs
 
     def _output_for(self, seq: Sequence, sample: Sample) -> RequestOutput:

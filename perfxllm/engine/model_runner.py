@@ -10,7 +10,7 @@ from torch import nn
 
 from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
-from perfxllm.engine.sampler import SampledBatch
+from perfxllm.engine.sampler import SampledBatch, row_index
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
@@ -103,19 +103,26 @@ class ModelRunner:
             )
             # Every row samples unless a prompt chunk of one token is not its prompt's last: then select (a
             # copy of [rows, vocab] floats, 131 MB at 256 x 128256, that a full decode step does not need).
-            return logits if len(inputs.logit_rows) == len(logits) else logits[inputs.logit_rows]
+            return (
+                logits
+                if len(inputs.logit_rows) == len(logits)
+                else logits[row_index(inputs.logit_rows, self.device)]
+            )
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
             return self.mixed_graphs.run(ids, inputs)
-        to = dict(device=self.device)
+
+        def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)  # no wait for the GPU
+
         meta = AttentionMetadata(
             query_lens=inputs.query_lens,
-            context_lens=torch.tensor(inputs.context_lens, dtype=torch.int32, **to),
-            slot_mapping=torch.tensor(inputs.slots, dtype=torch.int64, **to),
-            block_tables=block_table_tensor(inputs.block_tables, self.device),
+            context_lens=to_device(inputs.context_lens, torch.int32),
+            slot_mapping=to_device(inputs.slots),
+            block_tables=block_table_tensor(inputs.block_tables).to(self.device, non_blocking=True),
             max_context_len=max(inputs.context_lens),
         )
-        hidden = self.model(ids, torch.tensor(inputs.positions, dtype=torch.int64, **to), meta)
-        return self.model.compute_logits(hidden[inputs.logit_rows])
+        hidden = self.model(ids, to_device(inputs.positions), meta)
+        return self.model.compute_logits(hidden[row_index(inputs.logit_rows, self.device)])
 
 
 @torch.inference_mode()

@@ -51,12 +51,16 @@ class Sampler:
             p = seq.params
             if not p.greedy:
                 probs = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-                tokens[i] = torch.multinomial(probs, 1, generator=self.generator_for(seq))[0]
+                # the argmax of probs / Exp(1) noise is a draw from probs, as torch.multinomial's is, but
+                # without multinomial's check of its input that waits for the device
+                noise = torch.empty_like(probs).exponential_(generator=self.generator_for(seq))
+                tokens[i] = (probs / noise).argmax()
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         found: list[torch.Tensor] = []
         if wanted:
-            logprobs = torch.log_softmax(logits[wanted], dim=-1)
-            found.append(logprobs.gather(1, tokens[wanted].unsqueeze(1)).squeeze(1))
+            rows = row_index(wanted, logits.device)
+            logprobs = torch.log_softmax(logits[rows], dim=-1)
+            found.append(logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1))
             top_k = max(seqs[i].params.logprobs for i in wanted)
             if top_k:
                 found.extend(logprobs.topk(top_k, dim=-1))
@@ -93,6 +97,12 @@ class SampledBatch:
             if n > 0:
                 samples[i].top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
         return samples
+
+
+def row_index(rows: list[int], device: torch.device) -> torch.Tensor:
+    """rows as an index on device, copied without waiting: indexing a GPU tensor with a Python list copies
+    the list over with a wait for the device, which under async scheduling is the step in flight."""
+    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -74,10 +74,11 @@ class AttentionMetadata:
         return self.prefill
 
 
-def block_table_tensor(block_tables: list[list[int]], device: torch.device | None = None) -> torch.Tensor:
-    """int32 [B, longest]: each sequence's blocks, padded with block 0 (never read: context_lens bounds reads)."""
+def block_table_tensor(block_tables: list[list[int]]) -> torch.Tensor:
+    """int32 [B, longest] on the CPU: each sequence's blocks, padded with block 0 (never read: context_lens
+    bounds reads)."""
     width = max(len(t) for t in block_tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32, device=device)
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
 
 
 def attention(

@@ -222,6 +222,26 @@ def test_abort_a_waiting_request(model_dir, solo):
     assert e.block_manager.num_free_blocks == free_at_start
 
 
+def test_a_failed_step_leaves_the_engine_working(model_dir, solo):
+    """A launch that raises (say, out of memory) loses nothing: the next step runs it again."""
+    llm = make_llm(model_dir)
+    e = llm.engine
+    e.add_request(llm.tokenizer.encode(PROMPTS[1]), GREEDY)
+    tokens = [t for _ in range(3) for out in e.step() for t in out.token_ids]
+    run = e.runner.run
+
+    def fail_once(*args):
+        e.runner.run = run
+        raise RuntimeError("injected fault")
+
+    e.runner.run = fail_once
+    with pytest.raises(RuntimeError, match="injected fault"):
+        e.step()
+    while e.has_unfinished():
+        tokens += [t for out in e.step() for t in out.token_ids]
+    assert tokens == solo[PROMPTS[1]]
+
+
 def test_chunked_prefill(model_dir, llm, solo, async_scheduling):
     chunked = make_llm(model_dir, max_num_batched_tokens=8)
     ids = chunked.tokenizer.encode(PROMPTS[3])
@@ -293,6 +313,24 @@ def test_prefix_caching(model_dir, solo):
     off = make_llm(model_dir, enable_prefix_caching=False)
     list(off.generate_stream(PROMPTS[3], GREEDY))
     assert next(off.generate_stream(PROMPTS[3], GREEDY)).num_cached_tokens == 0
+
+
+def test_prefix_cache_keeps_the_blocks_of_a_finishing_step(model_dir):
+    """A request that draws one token, and a conversation sent again with its answer: the blocks filled in
+    the step that finished the request are cached too."""
+    cached = make_llm(model_dir)
+    ids = cached.tokenizer.encode(PROMPTS[3])  # 49 tokens: 3 full blocks
+    one = SamplingParams(temperature=0.0, max_tokens=1)
+    list(cached.stream_ids(ids, one))
+    assert list(cached.stream_ids(ids, one))[-1].num_cached_tokens == 48
+
+    # 20 + 13 tokens, all but the last computed: 2 full blocks
+    answer = [
+        t
+        for o in cached.stream_ids(ids[:20], SamplingParams(temperature=0.0, max_tokens=13))
+        for t in o.token_ids
+    ]
+    assert next(cached.stream_ids(ids[:20] + answer, GREEDY)).num_cached_tokens == 32
 
 
 @pytest.mark.parametrize("budget", [2048, 8])
