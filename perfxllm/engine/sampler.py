@@ -47,14 +47,11 @@ class Sampler:
         stay on the device for the next step's inputs and copy to the host behind it."""
         apply_penalties(logits, seqs)
         tokens = logits.argmax(dim=-1)
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if not p.greedy:
-                probs = truncated_probs(logits[i] / p.temperature, p.top_k, p.top_p, p.min_p)
-                # the argmax of probs / Exp(1) noise is a draw from probs, as torch.multinomial's is, but
-                # without multinomial's check of its input that waits for the device
-                noise = torch.empty_like(probs).exponential_(generator=self.generator_for(seq))
-                tokens[i] = (probs / noise).argmax()
+        drawing = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        if drawing:
+            tokens[row_index(drawing, logits.device)] = self._draw(
+                logits, [seqs[i] for i in drawing], drawing
+            )
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         found: list[torch.Tensor] = []
         if wanted:
@@ -65,6 +62,29 @@ class Sampler:
             if top_k:
                 found.extend(logprobs.topk(top_k, dim=-1))
         return SampledBatch(seqs, tokens, wanted, [tokens, *found])
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
+        """One token for each of seqs (logits' rows `rows`), all rows at once. The argmax of probs / Exp(1)
+        noise is a draw from probs, as torch.multinomial's is, without multinomial's check of its input
+        that waits for the device. A seeded request's noise comes from its own generator."""
+        device = logits.device
+
+        def per_row(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        params = [seq.params for seq in seqs]
+        temperature = per_row([p.temperature for p in params])
+        probs = truncated_probs(
+            logits[row_index(rows, device)] / temperature[:, None],
+            per_row([p.top_k for p in params], torch.int64),
+            per_row([p.top_p for p in params]),
+            per_row([p.min_p for p in params]),
+        )
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for j, seq in enumerate(seqs):
+            if seq.params.seed is not None:
+                noise[j].exponential_(generator=self.generator_for(seq))
+        return (probs / noise).argmax(dim=-1)
 
 
 class SampledBatch:
@@ -143,19 +163,24 @@ def _entries(
     return (keys // vocab, keys % vocab), counts
 
 
-def truncated_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Probabilities [vocab] after top-k, then top-p (nucleus), then min-p; renormalised."""
+def truncated_probs(
+    logits: torch.Tensor, top_k: torch.Tensor | int, top_p: torch.Tensor | float, min_p: torch.Tensor | float
+) -> torch.Tensor:
+    """Probabilities [..., vocab] after top-k (0: off), then top-p (nucleus), then min-p; renormalised. The
+    settings are one per row (tensors of logits.shape[:-1]) or one for all."""
+    vocab, rows = logits.shape[-1], logits.shape[:-1]
+    top_k, top_p, min_p = (
+        torch.as_tensor(v, device=logits.device).expand(rows) for v in (top_k, top_p, min_p)
+    )
     # Extreme penalties or temperatures can push logits to +-inf (or NaN), and softmax would then give NaN.
     logits = logits.nan_to_num(posinf=torch.finfo(logits.dtype).max, neginf=torch.finfo(logits.dtype).min)
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    if min_p > 0.0:
-        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return probs / probs.sum()
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
+    top_p = top_p.unsqueeze(-1)
+    drop = ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p) & (top_p < 1.0)
+    drop |= sorted_probs < min_p.unsqueeze(-1) * sorted_probs[..., :1]
+    probs = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
