@@ -129,38 +129,39 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """In place on logits [len(seqs), vocab], row i for seqs[i]. Repetition penalty (CTRL / transformers) on
     prompt and output tokens; presence and frequency penalties (OpenAI) on output tokens only.
 
-    The sequences that share a setting are done together, and only the entries of their tokens are touched,
-    with the float32 arithmetic of one row at a time (the setting as a Python scalar)."""
+    The sequences that share a setting are done together, with the float32 arithmetic of one row at a time
+    (the setting as a Python scalar); nothing waits for the device."""
     groups: dict[tuple[float, float, float], list[int]] = defaultdict(list)
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             groups[p.repetition_penalty, p.presence_penalty, p.frequency_penalty].append(i)
     for (repetition, presence, frequency), rows in groups.items():
+        index = row_index(rows, logits.device)
+        vals = logits[index]
         if repetition != 1.0:
-            seen, _ = _entries(logits, [(i, seqs[i].token_ids) for i in rows])
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / repetition, vals * repetition)
-        outputs = [(i, seqs[i].output_ids) for i in rows if seqs[i].num_output_tokens]
-        if (presence or frequency) and outputs:
-            entries, counts = _entries(logits, outputs)
-            logits[entries] -= frequency * counts + presence * (counts > 0)
+            seen = _token_counts(vals, [seqs[i].token_ids for i in rows]) > 0
+            vals = torch.where(seen, torch.where(vals > 0, vals / repetition, vals * repetition), vals)
+        if presence or frequency:
+            counts = _token_counts(vals, [seqs[i].output_ids for i in rows])
+            vals = vals - (frequency * counts + presence * (counts > 0))  # unseen tokens: minus 0, exactly
+        logits[index] = vals
 
 
-def _entries(
-    logits: torch.Tensor, rows: list[tuple[int, list[int]]]
-) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The distinct (row, token id) entries of logits that the (row, token ids) pairs name (at least one
-    token id in all), as an index into logits, and how many times each is named."""
-    ids = array("q")
-    for _, token_ids in rows:
-        ids.extend(token_ids)
-    device, vocab = logits.device, logits.shape[1]
-    row_ids = torch.tensor([i for i, _ in rows], device=device)
-    lengths = torch.tensor([len(t) for _, t in rows], device=device)
-    tokens = torch.frombuffer(ids, dtype=torch.int64).to(device)  # 7x faster than torch.tensor(list)
-    keys, counts = (row_ids.repeat_interleave(lengths) * vocab + tokens).unique(return_counts=True)
-    return (keys // vocab, keys % vocab), counts
+def _token_counts(like: torch.Tensor, token_lists: list[list[int]]) -> torch.Tensor:
+    """float32 [len(token_lists), vocab] on like's device: how many times row r's list names each token id."""
+    rows, ids = array("q"), array("q")
+    for r, tokens in enumerate(token_lists):
+        ids.extend(tokens)
+        rows.extend(array("q", [r]) * len(tokens))
+    counts = torch.zeros(len(token_lists), like.shape[1], device=like.device)
+    if ids:
+        index = torch.stack(
+            [torch.frombuffer(rows, dtype=torch.int64), torch.frombuffer(ids, dtype=torch.int64)]
+        )
+        row, token = index.to(like.device, non_blocking=True)
+        counts.index_put_((row, token), torch.ones(len(ids), device=like.device), accumulate=True)
+    return counts
 
 
 def truncated_probs(
