@@ -6,6 +6,7 @@ Imports triton; only kernel modules import this file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ import torch
 import triton
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+log = logging.getLogger(__name__)
 
 
 def interpreting() -> bool:
@@ -108,6 +110,9 @@ class DiskTuner:
             try:
                 times.append(time_in_graph(lambda cfg=cfg: run(cfg)))
             except triton.runtime.errors.OutOfResources:
+                times.append(float("inf"))
+            except Exception as e:  # a config this GPU or compiler cannot build is not a candidate
+                log.warning("tuning %s: skipping %s: %s: %s", key, cfg, type(e).__name__, str(e)[:200])
                 times.append(float("inf"))
         best[key] = configs[min(range(len(configs)), key=times.__getitem__)]
         try:

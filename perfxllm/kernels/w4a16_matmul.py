@@ -17,6 +17,7 @@ Two kernels, picked by N (tokens):
     N = 1   GEMV on the CUDA cores: a [BLOCK_M, BLOCK_K / 8] tile of words per iteration, one group; the
             products are summed per word in registers and scaled per group, and the sum across K happens
             once, after the loop. Split along K with fp32 atomics when there are too few row tiles.
+    N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
             small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
             dtype) and fed to tl.dot; split along K for small N.
@@ -208,6 +209,77 @@ def _w4_gemv_kernel(
 
 
 @triton.jit(do_not_specialize=["N"])
+def _w4_gemv_rows_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    ws_ptr,
+    count_ptr,
+    N,
+    M,
+    K,
+    stride_xn,
+    stride_on,
+    split_k,
+    one_bits,
+    G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """_w4_gemv_kernel for a few rows of x (N <= BLOCK_N): each weight tile is unpacked once for all of them,
+    and the products are [BLOCK_N, BLOCK_M, W] tensors on the CUDA cores."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    W: tl.constexpr = BLOCK_K // 8
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_words = x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + tl.arange(0, W)[None, :] * 8  # [BLOCK_N, W]
+
+    it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
+
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
+    acc_bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for it in tl.range(it_start, it_end, num_stages=STAGES):
+        k0 = it * BLOCK_K
+        q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        lo = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)
+        hi = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)
+        x_lo_sum = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        x_hi_sum = tl.zeros([BLOCK_N, W], dtype=tl.float32)
+        for j in tl.static_range(4):
+            t = _byte_to_window(q, j)
+            x_lo = tl.load(x_words + k0 + (2 * (j % 2) + j // 2), mask=mask_n[:, None], other=0)
+            x_hi = tl.load(x_words + k0 + (4 + 2 * (j % 2) + j // 2), mask=mask_n[:, None], other=0)
+            x_lo = x_lo.to(tl.float32)
+            x_hi = x_hi.to(tl.float32)
+            lo += _nibble(t, 0xF000, one_bits)[None, :, :] * x_lo[:, None, :]
+            hi += _nibble(t, 0xF0000, one_bits)[None, :, :] * x_hi[:, None, :]
+            x_lo_sum += x_lo
+            x_hi_sum += x_hi
+        q_dot_x = lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)[:, None, :])
+        acc += q_dot_x * s[None, :, None]
+        acc_bias += b[None, :] * tl.sum(x_lo_sum + x_hi_sum, axis=1)[:, None]
+
+    out = tl.sum(acc, axis=2) + acc_bias
+    out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_m[None, :]
+    mask = mask_n[:, None] & mask_m[None, :]
+    if split_k == 1:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        ws_ptrs = ws_ptr + offs_n[:, None] * M + offs_m[None, :]
+        _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
+
+
+@triton.jit(do_not_specialize=["N"])
 def _w4_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -358,6 +430,8 @@ def _splits(tiles: int, iters: int, sms: int, outputs: int) -> list[int]:
     return sorted({1, max(1, want // 2), want, min(2 * want, max(1, iters // 2))})
 
 
+GEMV_ROWS_MAX = 8  # tokens up to which the tuner also tries the GEMV over several rows
+
 # GEMV tiles (rows, K, warps): 8 to 32 words of weights per thread. The fewer registers a tile takes, the more
 # warps an SM runs, and the GEMV needs them to hide its loads and its dependent integer-float chains.
 _GEMV_TILES = (
@@ -379,6 +453,19 @@ def _gemv_configs(m: int, k: int, g: int, sms: int) -> list[dict]:
         for bm, bk, w in sorted({(bm, min(bk, g), w) for bm, bk, w in _GEMV_TILES})
         for sk in _splits(triton.cdiv(m, bm), k // bk, sms, m)
         for st in (1, 2, 4)
+    ]
+
+
+def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
+    """For 2 <= n <= GEMV_ROWS_MAX: the GEMV's tiles with about as many products per thread as its own, and
+    the pipeline depth the GEMV's tuning picked for most shapes (each variant costs a compile at start-up)."""
+    if n > GEMV_ROWS_MAX or interpreting():
+        return []
+    tiles = sorted({(max(32, bm // n), min(bk, g), w) for bm, bk, w in _GEMV_TILES})
+    return [
+        dict(GEMV_ROWS=True, BLOCK_N=n, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=2)
+        for bm, bk, w in tiles
+        for sk in _splits(triton.cdiv(m, bm), k // bk, sms, n * m)
     ]
 
 
@@ -428,6 +515,43 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         split,
         ONE_BITS,
         G=w.group_size,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        STAGES=cfg["num_stages"],
+        num_warps=cfg["num_warps"],
+    )
+    return dest
+
+
+def _launch_gemv_rows(
+    x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    _check_config(w, cfg)
+    n, k = x.shape
+    m = w.shape[0]
+    if n > cfg["BLOCK_N"]:
+        raise ValueError(f"the GEMV of several rows takes at most BLOCK_N={cfg['BLOCK_N']} rows, got {n}")
+    split = cfg["SPLIT_K"]
+    dest = out if out is not None else x.new_empty(n, m)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
+    ws, counts = _split_workspace(x.device, n * m, grid[0] if split > 1 else 0)
+    _w4_gemv_rows_kernel[grid](
+        x,
+        w.qweight,
+        w.scales,
+        w.bias,
+        dest,
+        ws,
+        counts,
+        n,
+        m,
+        k,
+        x.stride(0),
+        dest.stride(0),
+        split,
+        ONE_BITS,
+        G=w.group_size,
+        BLOCK_N=cfg["BLOCK_N"],
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
         STAGES=cfg["num_stages"],
@@ -492,12 +616,18 @@ def w4a16_matmul(
         return x.new_empty(*lead, m) if out is None else out
     if config is None:
         sms = num_sms(x.device)
-        bucket = 1 if n == 1 else max(16, min(triton.next_power_of_2(n), 4096))
+        bucket = (
+            triton.next_power_of_2(n) if n <= GEMV_ROWS_MAX else max(16, min(triton.next_power_of_2(n), 4096))
+        )
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
         config = _tuner.pick(
             key,
-            lambda: _gemv_configs(m, k, g, sms) if n == 1 else _gemm_configs(bucket, m, k, g, sms),
+            lambda: (
+                _gemv_configs(m, k, g, sms)
+                if n == 1
+                else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
+            ),
             lambda c: _launcher(n, c)(x2, w, c),
         )
     return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
@@ -506,6 +636,8 @@ def w4a16_matmul(
 def _launcher(n: int, config: dict) -> Callable:
     if n == 1:
         return _launch_gemv
+    if config.get("GEMV_ROWS"):
+        return _launch_gemv_rows
     return _launch_dequant_matmul if config.get("DEQUANT") else _launch_gemm
 
 

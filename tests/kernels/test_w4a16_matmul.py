@@ -62,6 +62,20 @@ def test_split_k(split_k, device, rel_err):
     assert_split_workspace_clean(device)
 
 
+@pytest.mark.parametrize(("n", "block_n", "split_k", "g"), [(2, 2, 1, 128), (3, 4, 3, 32), (8, 8, 2, 64)])
+def test_gemv_over_several_rows(n, block_n, split_k, g, device, rel_err):
+    """The GEMV that unpacks each weight tile once for a few rows of x, with padding rows and split K."""
+    cfg = dict(
+        GEMV_ROWS=True, BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1
+    )
+    run_case(n, 40, 256, g, device, rel_err, config=cfg, seed=n)
+    run_case(n, 40, 256, g, device, rel_err, config=cfg, seed=n + 1)  # again, on the workspace left behind
+    if split_k > 1:
+        assert_split_workspace_clean(device)
+    with pytest.raises(ValueError, match="at most BLOCK_N"):
+        run_case(block_n + 1, 40, 256, g, device, rel_err, config=cfg)
+
+
 def test_unsplit_launches_ignore_the_workspace_size(device, rel_err, monkeypatch):
     """Only a split launch needs its outputs to fit the split-K workspace."""
     monkeypatch.setattr(mod, "SPLIT_WS_FLOATS", 16)
