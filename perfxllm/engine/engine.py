@@ -20,7 +20,7 @@ from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
 from perfxllm.engine.model_runner import ModelRunner
-from perfxllm.engine.sampler import Sample, SampledBatch, Sampler, row_index
+from perfxllm.engine.sampler import Sample, SampledBatch, Sampler, to_device
 from perfxllm.engine.scheduler import Scheduler
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
 from perfxllm.errors import PerfxError, RequestError
@@ -201,7 +201,7 @@ class Engine:
             return outputs
         live = [i for i, seq in enumerate(sampling_seqs) if seq.status is not Status.FINISHED]
         if len(live) < len(sampling_seqs):  # stopped on the previous step's token, or aborted
-            logits, sampling_seqs = logits[row_index(live, logits.device)], [sampling_seqs[i] for i in live]
+            logits, sampling_seqs = logits[to_device(live, logits.device)], [sampling_seqs[i] for i in live]
         drawn = self.sampler(logits, sampling_seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             if seq.status is not Status.FINISHED:

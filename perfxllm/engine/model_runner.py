@@ -10,7 +10,7 @@ from torch import nn
 
 from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
-from perfxllm.engine.sampler import SampledBatch, row_index
+from perfxllm.engine.sampler import SampledBatch, to_device
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
@@ -93,9 +93,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs, drawn_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        ids = torch.tensor(inputs.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        ids = to_device(inputs.input_ids, self.device)
         if inputs.pending:
-            index, rows = torch.tensor(inputs.pending).to(self.device, non_blocking=True).unbind(1)
+            index, rows = to_device(inputs.pending, self.device).unbind(1)
             ids[index] = drawn_tokens[rows]
         if self.graphs and max(inputs.query_lens) == 1 and self.graphs.can_run(len(inputs.query_lens)):
             logits = self.graphs.run(
@@ -106,23 +106,20 @@ class ModelRunner:
             return (
                 logits
                 if len(inputs.logit_rows) == len(logits)
-                else logits[row_index(inputs.logit_rows, self.device)]
+                else logits[to_device(inputs.logit_rows, self.device)]
             )
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
             return self.mixed_graphs.run(ids, inputs)
 
-        def to_device(values: list[int], dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)  # no wait for the GPU
-
         meta = AttentionMetadata(
             query_lens=inputs.query_lens,
-            context_lens=to_device(inputs.context_lens, torch.int32),
-            slot_mapping=to_device(inputs.slots),
+            context_lens=to_device(inputs.context_lens, self.device, torch.int32),
+            slot_mapping=to_device(inputs.slots, self.device),
             block_tables=block_table_tensor(inputs.block_tables).to(self.device, non_blocking=True),
             max_context_len=max(inputs.context_lens),
         )
-        hidden = self.model(ids, to_device(inputs.positions), meta)
-        return self.model.compute_logits(hidden[row_index(inputs.logit_rows, self.device)])
+        hidden = self.model(ids, to_device(inputs.positions, self.device), meta)
+        return self.model.compute_logits(hidden[to_device(inputs.logit_rows, self.device)])
 
 
 @torch.inference_mode()

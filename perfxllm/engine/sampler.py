@@ -49,13 +49,12 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         drawing = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if drawing:
-            tokens[row_index(drawing, logits.device)] = self._draw(
-                logits, [seqs[i] for i in drawing], drawing
-            )
+            index = to_device(drawing, logits.device)
+            tokens[index] = self._draw(logits[index], [seqs[i] for i in drawing])
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         found: list[torch.Tensor] = []
         if wanted:
-            rows = row_index(wanted, logits.device)
+            rows = to_device(wanted, logits.device)
             logprobs = torch.log_softmax(logits[rows], dim=-1)
             found.append(logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1))
             top_k = max(seqs[i].params.logprobs for i in wanted)
@@ -63,23 +62,14 @@ class Sampler:
                 found.extend(logprobs.topk(top_k, dim=-1))
         return SampledBatch(seqs, tokens, wanted, [tokens, *found])
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> torch.Tensor:
-        """One token for each of seqs (logits' rows `rows`), all rows at once. The argmax of probs / Exp(1)
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token for each of seqs (a row of logits each), all rows at once. The argmax of probs / Exp(1)
         noise is a draw from probs, as torch.multinomial's is, without multinomial's check of its input
         that waits for the device. A seeded request's noise comes from its own generator."""
-        device = logits.device
-
-        def per_row(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-        params = [seq.params for seq in seqs]
-        temperature = per_row([p.temperature for p in params])
-        probs = truncated_probs(
-            logits[row_index(rows, device)] / temperature[:, None],
-            per_row([p.top_k for p in params], torch.int64),
-            per_row([p.top_p for p in params]),
-            per_row([p.min_p for p in params]),
-        )
+        # one copy of every row's settings: temperature, top_k, top_p, min_p
+        settings = [[p.temperature, p.top_k, p.top_p, p.min_p] for p in (seq.params for seq in seqs)]
+        temperature, top_k, top_p, min_p = to_device(settings, logits.device, torch.float32).unbind(1)
+        probs = truncated_probs(logits / temperature[:, None], top_k.long(), top_p, min_p)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for j, seq in enumerate(seqs):
             if seq.params.seed is not None:
@@ -119,10 +109,11 @@ class SampledBatch:
         return samples
 
 
-def row_index(rows: list[int], device: torch.device) -> torch.Tensor:
-    """rows as an index on device, copied without waiting: indexing a GPU tensor with a Python list copies
-    the list over with a wait for the device, which under async scheduling is the step in flight."""
-    return torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A tensor of values on device, copied without waiting: building it on the GPU from a list (or indexing a
+    GPU tensor with a list) copies with a wait for the device, which under async scheduling is the step in
+    flight."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -137,7 +128,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             groups[p.repetition_penalty, p.presence_penalty, p.frequency_penalty].append(i)
     for (repetition, presence, frequency), rows in groups.items():
-        index = row_index(rows, logits.device)
+        index = to_device(rows, logits.device)
         vals = logits[index]
         if repetition != 1.0:
             seen = _token_counts(vals, [seqs[i].token_ids for i in rows]) > 0
