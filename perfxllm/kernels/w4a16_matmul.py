@@ -126,6 +126,26 @@ def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
 
 
 @triton.jit
+def _words_dot_x(q, x_words, one_bits):
+    """For int32 words q and pointers x_words to the first input channel of each word (broadcastable against
+    q), the sum over each word's 8 channels of nibble * x, and the sum of x over them. The nibbles are
+    summed as (1 + q / 2048) and (1 + q / 128) (one LOP3 each, see _nibble) and the 1s taken off after."""
+    lo = 0.0  # sum over low nibbles of (1 + q / 2048) x
+    hi = 0.0  # sum over high nibbles of (1 + q / 128) x
+    x_lo_sum = 0.0
+    x_hi_sum = 0.0
+    for j in tl.static_range(4):
+        t = _byte_to_window(q, j)
+        x_lo = tl.load(x_words + (2 * (j % 2) + j // 2)).to(tl.float32)
+        x_hi = tl.load(x_words + (4 + 2 * (j % 2) + j // 2)).to(tl.float32)
+        lo += _nibble(t, 0xF000, one_bits) * x_lo
+        hi += _nibble(t, 0xF0000, one_bits) * x_hi
+        x_lo_sum += x_lo
+        x_hi_sum += x_hi
+    return lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)), x_lo_sum + x_hi_sum
+
+
+@triton.jit
 def _split_range(pid_k, num_splits, K, BLOCK_K: tl.constexpr):
     """The K tiles [start, end) of split pid_k."""
     num_iters = K // BLOCK_K
@@ -185,21 +205,9 @@ def _w4_gemv_kernel(
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
         s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
-        lo = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over low nibbles of (1 + q / 2048) x
-        hi = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # sum over high nibbles of (1 + q / 128) x
-        x_lo_sum = tl.zeros([W], dtype=tl.float32)
-        x_hi_sum = tl.zeros([W], dtype=tl.float32)
-        for j in tl.static_range(4):
-            t = _byte_to_window(q, j)
-            x_lo = tl.load(x_ptr + k0 + word_x + (2 * (j % 2) + j // 2)).to(tl.float32)
-            x_hi = tl.load(x_ptr + k0 + word_x + (4 + 2 * (j % 2) + j // 2)).to(tl.float32)
-            lo += _nibble(t, 0xF000, one_bits) * x_lo[None, :]
-            hi += _nibble(t, 0xF0000, one_bits) * x_hi[None, :]
-            x_lo_sum += x_lo
-            x_hi_sum += x_hi
-        q_dot_x = lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)[None, :])
+        q_dot_x, x_sum = _words_dot_x(q, x_ptr + k0 + word_x[None, :], one_bits)  # [BLOCK_M, W], [1, W]
         acc += q_dot_x * s[:, None]
-        acc_bias += b * tl.sum(x_lo_sum + x_hi_sum, axis=0)
+        acc_bias += b * tl.sum(x_sum)
 
     out = tl.sum(acc, axis=1) + acc_bias
     if split_k == 1:
@@ -240,7 +248,8 @@ def _w4_gemv_rows_kernel(
     mask_m = offs_m < M
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    x_words = x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + tl.arange(0, W)[None, :] * 8  # [BLOCK_N, W]
+    x_row = tl.minimum(offs_n, N - 1).to(tl.int64)  # padding rows read the last row; their sums are dropped
+    x_words = x_ptr + x_row[:, None, None] * stride_xn + tl.arange(0, W)[None, None, :] * 8  # [BLOCK_N, 1, W]
 
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
 
@@ -251,23 +260,9 @@ def _w4_gemv_rows_kernel(
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
         s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
-        lo = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)
-        hi = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)
-        x_lo_sum = tl.zeros([BLOCK_N, W], dtype=tl.float32)
-        x_hi_sum = tl.zeros([BLOCK_N, W], dtype=tl.float32)
-        for j in tl.static_range(4):
-            t = _byte_to_window(q, j)
-            x_lo = tl.load(x_words + k0 + (2 * (j % 2) + j // 2), mask=mask_n[:, None], other=0)
-            x_hi = tl.load(x_words + k0 + (4 + 2 * (j % 2) + j // 2), mask=mask_n[:, None], other=0)
-            x_lo = x_lo.to(tl.float32)
-            x_hi = x_hi.to(tl.float32)
-            lo += _nibble(t, 0xF000, one_bits)[None, :, :] * x_lo[:, None, :]
-            hi += _nibble(t, 0xF0000, one_bits)[None, :, :] * x_hi[:, None, :]
-            x_lo_sum += x_lo
-            x_hi_sum += x_hi
-        q_dot_x = lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)[:, None, :])
+        q_dot_x, x_sum = _words_dot_x(q[None, :, :], x_words + k0, one_bits)  # [BN, BM, W], [BN, 1, W]
         acc += q_dot_x * s[None, :, None]
-        acc_bias += b[None, :] * tl.sum(x_lo_sum + x_hi_sum, axis=1)[:, None]
+        acc_bias += b[None, :] * tl.sum(x_sum, axis=2)
 
     out = tl.sum(acc, axis=2) + acc_bias
     out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_m[None, :]
