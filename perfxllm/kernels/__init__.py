@@ -5,8 +5,8 @@ the CPU path never needs triton.
 
 Integer arguments that change from step to step (token counts, block-table widths, partition counts) are
 marked do_not_specialize: otherwise Triton compiles a new variant of the kernel the first time such a value
-is divisible by 16, or is 1, in the middle of serving (about a second of compiling each: 0.8-1.4 s for the prefill attention kernel
-on this project's CPU)."""
+is divisible by 16, or is 1, in the middle of serving (about a second of compiling each: 0.8-1.4 s for the
+prefill attention kernel on this project's CPU)."""
 
 from __future__ import annotations
 

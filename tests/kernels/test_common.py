@@ -66,3 +66,20 @@ def test_timing_in_graphs_leaves_no_memory_behind():
     for _ in range(5):
         time_in_graph(lambda: a @ a)
     assert torch.cuda.memory_allocated() - before < 2**20
+
+
+def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch):
+    """A candidate whose compile or launch raises is not picked, and the others are still timed."""
+    from perfxllm.kernels import _common
+
+    monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(_common, "time_in_graph", lambda fn: fn())  # "time": what run() returns
+
+    def run(cfg: dict) -> float:
+        if cfg["BLOCK"] == 16:
+            raise RuntimeError("PassManager::run failed")
+        return cfg["BLOCK"]
+
+    configs = [{"BLOCK": 16}, {"BLOCK": 64}, {"BLOCK": 32}]
+    assert DiskTuner("test")._tuned("k", configs, run) == {"BLOCK": 32}
