@@ -242,19 +242,27 @@ def bench_attention(r: Runner) -> None:
 
 
 def bench_sampling(r: Runner) -> None:
-    from perfxllm.kernels.sampling import sample
+    from perfxllm.kernels.sampling import SamplingSettings, sample, truncated_probs, truncated_probs_ref
 
     batch, vocab = 64, 128256
-    logits = torch.randn(batch, vocab, device="cuda")
-    temp = torch.rand(batch, device="cuda") + 0.5
-    temp[:8] = 0
-    top_k = torch.randint(0, 100, (batch,), device="cuda")
-    top_p = torch.rand(batch, device="cuda") * 0.5 + 0.5
-    tokens = sample(logits, temp, top_k, top_p)
+    logits = torch.randn(batch, vocab, device="cuda") * 3
+    cases = {  # top_k, top_p of every row: the three paths (no sort, topk, full sort)
+        "sampling_temperature": (0, 1.0),
+        "sampling_top_k": (50, 0.9),
+        "sampling_top_p": (0, 0.9),
+    }
+    for op, (top_k, top_p) in cases.items():
+        rows = ([0.8] * batch, [top_k] * batch, [top_p] * batch, [0.0] * batch)
+        settings = SamplingSettings(*rows, vocab, logits.device)
+        ref = torch.stack([truncated_probs_ref(logits[i], *(v[i] for v in rows)) for i in range(2)])
+        r.check(f"{op} rows 0-1", truncated_probs(logits, settings)[:2], ref, 1e-5)
+        us = _bench(lambda settings=settings: sample(logits, settings))
+        r.row(op, vocab, 0, batch, us, None, 4 * batch * vocab, 0)
+    greedy = [0.0] * 8 + [0.8] * (batch - 8)
+    settings = SamplingSettings(greedy, [50] * batch, [0.9] * batch, [0.0] * batch, vocab, logits.device)
+    tokens = sample(logits, settings)
     greedy_ok = bool((tokens[:8] == logits[:8].argmax(-1)).all())
     r.checks.append(("sampling greedy rows", 0.0 if greedy_ok else 1.0, 0.5))
-    us = _bench(lambda: sample(logits, temp, top_k, top_p))
-    r.row("sampling", vocab, 0, batch, us, None, 4 * batch * vocab, 0)
 
 
 def _plot(result: dict, path: Path) -> None:

@@ -20,11 +20,12 @@ from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
 from perfxllm.engine.model_runner import ModelRunner
-from perfxllm.engine.sampler import Sample, SampledBatch, Sampler, to_device
+from perfxllm.engine.sampler import Sample, SampledBatch, Sampler
 from perfxllm.engine.scheduler import Scheduler
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
 from perfxllm.errors import PerfxError, RequestError
 from perfxllm.kernels import runs_on_kernels
+from perfxllm.kernels._common import to_device
 from perfxllm.model.loader import Checkpoint, build_model, open_checkpoint, resolve_dtype
 from perfxllm.sampling_params import SamplingParams
 

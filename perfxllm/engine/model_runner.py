@@ -10,9 +10,10 @@ from torch import nn
 
 from perfxllm.engine.cpu_graph import CPUGraphRunner
 from perfxllm.engine.cuda_graph import CUDAGraphRunner
-from perfxllm.engine.sampler import SampledBatch, to_device
+from perfxllm.engine.sampler import SampledBatch
 from perfxllm.engine.scheduler import ScheduledBatch
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence
+from perfxllm.kernels._common import to_device
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""Turn logits into next tokens: penalties, then greedy or temperature / top-k / top-p / min-p sampling.
+"""Turn logits into next tokens: penalties, then greedy or temperature / top-k / top-p / min-p sampling
+(perfxllm.kernels.sampling).
 
 Each request with a seed draws from its own generator, so its tokens do not depend on what else is in the
 batch. Logprobs are those of the model's distribution after penalties, before temperature and truncation.
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from perfxllm.engine.sequence import Sequence
+from perfxllm.kernels._common import to_device
+from perfxllm.kernels.sampling import SamplingSettings, sample
 
 
 @dataclass
@@ -28,9 +31,10 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.seeded: dict[str, torch.Generator] = {}
 
-    def generator_for(self, seq: Sequence) -> torch.Generator:
+    def generator_for(self, seq: Sequence) -> torch.Generator | None:
+        """The request's own generator when it has a seed; None: it draws from the engine's."""
         if seq.params.seed is None:
-            return self.generator
+            return None
         gen = self.seeded.get(seq.request_id)
         if gen is None:
             gen = self.seeded[seq.request_id] = torch.Generator(device=self.device).manual_seed(
@@ -46,11 +50,16 @@ class Sampler:
         """logits float32 [S, vocab], one row per sequence. On the GPU this only queues the work: the tokens
         stay on the device for the next step's inputs and copy to the host behind it."""
         apply_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1)
-        drawing = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
-        if drawing:
-            index = to_device(drawing, logits.device)
-            tokens[index] = self._draw(logits[index], [seqs[i] for i in drawing])
+        params = [seq.params for seq in seqs]
+        settings = SamplingSettings(
+            [0.0 if p.greedy else p.temperature for p in params],
+            [p.top_k for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            logits.shape[1],
+            logits.device,
+        )
+        tokens = sample(logits, settings, self.generator, [self.generator_for(seq) for seq in seqs])
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         found: list[torch.Tensor] = []
         if wanted:
@@ -61,20 +70,6 @@ class Sampler:
             if top_k:
                 found.extend(logprobs.topk(top_k, dim=-1))
         return SampledBatch(seqs, tokens, wanted, [tokens, *found])
-
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token for each of seqs (a row of logits each), all rows at once. The argmax of probs / Exp(1)
-        noise is a draw from probs, as torch.multinomial's is, without multinomial's check of its input
-        that waits for the device. A seeded request's noise comes from its own generator."""
-        # one copy of every row's settings: temperature, top_k, top_p, min_p
-        settings = [[p.temperature, p.top_k, p.top_p, p.min_p] for p in (seq.params for seq in seqs)]
-        temperature, top_k, top_p, min_p = to_device(settings, logits.device, torch.float32).unbind(1)
-        probs = truncated_probs(logits / temperature[:, None], top_k.long(), top_p, min_p)
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for j, seq in enumerate(seqs):
-            if seq.params.seed is not None:
-                noise[j].exponential_(generator=self.generator_for(seq))
-        return (probs / noise).argmax(dim=-1)
 
 
 class SampledBatch:
@@ -107,13 +102,6 @@ class SampledBatch:
             if n > 0:
                 samples[i].top_logprobs = list(zip(top_ids[j][:n], top_vals[j][:n]))
         return samples
-
-
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A tensor of values on device, copied without waiting: building it on the GPU from a list (or indexing a
-    GPU tensor with a list) copies with a wait for the device, which under async scheduling is the step in
-    flight."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -153,26 +141,3 @@ def _token_counts(like: torch.Tensor, token_lists: list[list[int]]) -> torch.Ten
         row, token = index.to(like.device, non_blocking=True)
         counts.index_put_((row, token), torch.ones(len(ids), device=like.device), accumulate=True)
     return counts
-
-
-def truncated_probs(
-    logits: torch.Tensor, top_k: torch.Tensor | int, top_p: torch.Tensor | float, min_p: torch.Tensor | float
-) -> torch.Tensor:
-    """Probabilities [..., vocab] after top-k (0: off), then top-p (nucleus), then min-p; renormalised. The
-    settings are one per row (tensors of logits.shape[:-1]) or one for all."""
-    vocab, rows = logits.shape[-1], logits.shape[:-1]
-    top_k, top_p, min_p = (
-        torch.as_tensor(v, device=logits.device).expand(rows) for v in (top_k, top_p, min_p)
-    )
-    # Extreme penalties or temperatures can push logits to +-inf (or NaN), and softmax would then give NaN.
-    logits = logits.nan_to_num(posinf=torch.finfo(logits.dtype).max, neginf=torch.finfo(logits.dtype).min)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    top_p = top_p.unsqueeze(-1)
-    drop = ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p) & (top_p < 1.0)
-    drop |= sorted_probs < min_p.unsqueeze(-1) * sorted_probs[..., :1]
-    probs = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return probs / probs.sum(-1, keepdim=True)

@@ -1,6 +1,6 @@
 """The Triton operator library. Each module holds one op: its kernel, its launcher and its torch reference.
 
-Importing a kernel module imports triton, so the layers import them only once `runs_on_kernels` says yes:
+Importing a Triton kernel module imports triton, so the layers import them only once `runs_on_kernels` says yes:
 the CPU path never needs triton.
 
 Integer arguments that change from step to step (token counts, block-table widths, partition counts) are

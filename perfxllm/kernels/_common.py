@@ -1,6 +1,6 @@
 """Helpers shared by the kernel launchers: argument checks with clear errors, and a small on-disk tuner.
 
-Imports triton; only kernel modules import this file.
+Imports no triton (the torch-only ops use the checks on the CPU path too); tuning imports it when it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import triton
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 log = logging.getLogger(__name__)
@@ -59,6 +58,13 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A tensor of values on device, copied without waiting: building it on the GPU from a list (or indexing a
+    GPU tensor with a list) copies with a wait for the device, which under async scheduling is the step in
+    flight."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
@@ -99,6 +105,8 @@ class DiskTuner:
         return self.picked[key]
 
     def _tuned(self, key: str, configs: list[dict], run: Callable[[dict], object]) -> dict:
+        from triton.runtime.errors import OutOfResources
+
         best = self._load()
         if key in best and best[key] in configs:
             return best[key]
@@ -109,7 +117,7 @@ class DiskTuner:
         for cfg in configs:
             try:
                 times.append(time_in_graph(lambda cfg=cfg: run(cfg)))
-            except triton.runtime.errors.OutOfResources:
+            except OutOfResources:
                 times.append(float("inf"))
             except Exception as e:  # a config this GPU or compiler cannot build is not a candidate
                 log.warning("tuning %s: skipping %s: %s: %s", key, cfg, type(e).__name__, str(e)[:200])

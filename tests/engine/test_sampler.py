@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from perfxllm.engine.sampler import Sampler, apply_penalties, truncated_probs
+from perfxllm.engine.sampler import Sampler, apply_penalties
 from perfxllm.engine.sequence import Sequence
 from perfxllm.errors import RequestError
+from perfxllm.kernels.sampling import SamplingSettings, truncated_probs
 from perfxllm.sampling_params import SamplingParams
 
 N = 2000  # draws for empirical distributions
@@ -37,6 +38,12 @@ def freq(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 LOGP = [math.log(p) for p in PROBS]
+
+
+def probs_of(logits: list[float], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """The distribution one row of logits is drawn from at temperature 1."""
+    settings = SamplingSettings([1.0], [top_k], [top_p], [min_p], len(logits), torch.device("cpu"))
+    return truncated_probs(torch.tensor([logits]), settings)[0]
 
 
 # -- greedy and temperature -----------------------------------------------------------------------------
@@ -94,7 +101,7 @@ def test_top_p_keeps_the_nucleus_only():
     ],
 )
 def test_top_p_boundary(top_p, kept):
-    probs = truncated_probs(torch.tensor(LOGP), 0, top_p, 0.0)
+    probs = probs_of(LOGP, top_p=top_p)
     assert torch.nonzero(probs).flatten().tolist() == kept
     expected = torch.tensor([PROBS[i] for i in kept])
     assert torch.allclose(probs[kept], expected / expected.sum(), atol=1e-5)
@@ -103,13 +110,13 @@ def test_top_p_boundary(top_p, kept):
 
 def test_top_p_order_does_not_matter():
     shuffled = [LOGP[2], LOGP[0], LOGP[3], LOGP[1]]
-    probs = truncated_probs(torch.tensor(shuffled), 0, 0.7, 0.0)
+    probs = probs_of(shuffled, top_p=0.7)
     assert torch.nonzero(probs).flatten().tolist() == [1, 3]
 
 
 @pytest.mark.parametrize(("min_p", "kept"), [(0.05, [0, 1, 2, 3]), (0.2, [0, 1, 2]), (0.5, [0, 1])])
 def test_min_p_drops_tokens_below_a_fraction_of_the_top(min_p, kept):
-    probs = truncated_probs(torch.tensor(LOGP), 0, 1.0, min_p)
+    probs = probs_of(LOGP, min_p=min_p)
     assert torch.nonzero(probs).flatten().tolist() == kept
 
 
@@ -119,7 +126,7 @@ def test_min_p_in_sampling():
 
 
 def test_top_k_then_top_p_renormalises():
-    probs = truncated_probs(torch.tensor(LOGP), 3, 0.6, 0.0)
+    probs = probs_of(LOGP, top_k=3, top_p=0.6)
     # top-3 renormalised: 0.5/0.95 = 0.526 < 0.6, so token 1 stays; token 2's preceding 0.842 >= 0.6.
     assert torch.nonzero(probs).flatten().tolist() == [0, 1]
 
