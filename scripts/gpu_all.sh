@@ -5,7 +5,8 @@
 #
 # Stages (default: all, in this order): tests engine kernels e2e offline online steps
 #   tests    the GPU-marked tests and the kernel tests on the GPU
-#   engine   scripts/gpu_check_engine.py: CPU vs GPU greedy tokens (random default-shaped model)
+#   engine   scripts/gpu_check_engine.py: CPU vs GPU greedy tokens (random default-shaped model; also a slice
+#            of the real model where $SLICE_GGUF names one, from scripts/slice_gguf.py)
 #   kernels  perfxllm bench kernels
 #   e2e      perfxllm bench e2e: int4 and fp16, batch 1..64, transformers baseline
 #   offline  perfxllm bench serve --offline: Llama-3-8B shape, fp16 and int4, 1000 requests
@@ -26,7 +27,7 @@ for stage in $stages; do
     case $stage in
         tests) python -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/kernels
                python -m pytest -q -p no:cacheprovider tests/kernels ;;
-        engine) python scripts/gpu_check_engine.py --out "$out/engine-check.json" ;;
+        engine) python scripts/gpu_check_engine.py ${SLICE_GGUF:+--gguf "$SLICE_GGUF"} --out "$out/engine-check.json" ;;
         kernels) python -m perfxllm bench kernels --out-dir "$out" ;;
         e2e) python -m perfxllm bench e2e --device cuda --quant int4 fp16 --repeats 2 --sweep --hf --out-dir "$out" ;;
         offline) $serve --offline --num-requests 1000 --result-dir "$out/offline-fp16"
