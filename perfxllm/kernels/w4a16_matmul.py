@@ -118,10 +118,10 @@ def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
 
 
 @triton.jit
-def _group_scale_bias(s_ptr, b_ptr, group, M, rows):
-    """The scale and bias of rows (all < M) in one K group, float32 [R] each."""
-    s = tl.load(s_ptr + group * M + rows).to(tl.float32)
-    b = tl.load(b_ptr + group * M + rows).to(tl.float32)
+def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
+    """Rows offs_m's scale and bias of one K group, float32 [R] each."""
+    s = tl.load(s_ptr + group * M + offs_m, mask=mask_m, other=0).to(tl.float32)
+    b = tl.load(b_ptr + group * M + offs_m, mask=mask_m, other=0).to(tl.float32)
     return s, b
 
 
@@ -142,22 +142,21 @@ def _load_rows(offs, count):
 @triton.jit
 def _words_dot_x(q, x_words, one_bits):
     """For int32 words q and pointers x_words to the first input channel of each word (broadcastable against
-    q): (t, c, x_sum) with sum over each word's 8 channels of nibble * x = 128 (t - c), and x_sum the sum of
-    x over them. The nibbles come in as (1 + q / 2048) and (1 + q / 128) (one LOP3 each, see _nibble); the
-    low ones meet 16 x so that all 8 products of a word are one chain of FFMAs, and c (which depends on x
-    only) takes the 1s off once per tile rather than per weight."""
-    t = 0.0
-    c = 0.0
-    x_sum = 0.0
+    q), the sum over each word's 8 channels of nibble * x, and the sum of x over them. The nibbles are
+    summed as (1 + q / 2048) and (1 + q / 128) (one LOP3 each, see _nibble) and the 1s taken off after."""
+    lo = 0.0  # sum over low nibbles of (1 + q / 2048) x
+    hi = 0.0  # sum over high nibbles of (1 + q / 128) x
+    x_lo_sum = 0.0
+    x_hi_sum = 0.0
     for j in tl.static_range(4):
-        w = _byte_to_window(q, j)
+        t = _byte_to_window(q, j)
         x_lo = tl.load(x_words + (2 * (j % 2) + j // 2)).to(tl.float32)
         x_hi = tl.load(x_words + (4 + 2 * (j % 2) + j // 2)).to(tl.float32)
-        t += _nibble(w, 0xF000, one_bits) * (x_lo * 16.0)
-        t += _nibble(w, 0xF0000, one_bits) * x_hi
-        c += x_lo * 16.0 + x_hi
-        x_sum += x_lo + x_hi
-    return t, c, x_sum
+        lo += _nibble(t, 0xF000, one_bits) * x_lo
+        hi += _nibble(t, 0xF0000, one_bits) * x_hi
+        x_lo_sum += x_lo
+        x_hi_sum += x_hi
+    return lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)), x_lo_sum + x_hi_sum
 
 
 @triton.jit
@@ -213,21 +212,18 @@ def _w4_gemv_kernel(
 
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
 
-    rows = _load_rows(offs_m, M)
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, W)[None, :]
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
     acc = tl.zeros([BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
-    acc_ones = tl.zeros([BLOCK_M], dtype=tl.float32)  # what the nibbles' 1s added to acc
     acc_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
     for it in tl.range(it_start, it_end, num_stages=STAGES):
         k0 = it * BLOCK_K
-        q = tl.load(w_ptrs + it * W)
-        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, rows)
-        t, c, x_sum = _words_dot_x(q, x_ptr + k0 + word_x[None, :], one_bits)  # [BLOCK_M, W], [1, W] x2
-        acc += t * s[:, None]
-        acc_ones += s * tl.sum(c)
+        q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        q_dot_x, x_sum = _words_dot_x(q, x_ptr + k0 + word_x[None, :], one_bits)  # [BLOCK_M, W], [1, W]
+        acc += q_dot_x * s[:, None]
         acc_bias += b * tl.sum(x_sum)
 
-    out = 128.0 * (tl.sum(acc, axis=1) - acc_ones) + acc_bias
+    out = tl.sum(acc, axis=1) + acc_bias
     if split_k == 1:
         tl.store(out_ptr + offs_m, out.to(out_ptr.dtype.element_ty), mask=mask_m)
     else:
@@ -266,29 +262,23 @@ def _w4_gemv_rows_kernel(
     mask_m = offs_m < M
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    x_words = (
-        x_ptr
-        + _load_rows(offs_n, N).to(tl.int64)[:, None, None] * stride_xn
-        + tl.arange(0, W)[None, None, :] * 8
-    )  # [BLOCK_N, 1, W]
+    x_row = _load_rows(offs_n, N).to(tl.int64)  # padding rows: their sums are dropped
+    x_words = x_ptr + x_row[:, None, None] * stride_xn + tl.arange(0, W)[None, None, :] * 8  # [BLOCK_N, 1, W]
 
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
 
-    rows = _load_rows(offs_m, M)
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, W)[None, :]
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
-    acc_ones = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     acc_bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for it in tl.range(it_start, it_end, num_stages=STAGES):
         k0 = it * BLOCK_K
-        q = tl.load(w_ptrs + it * W)
-        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, rows)
-        t, c, x_sum = _words_dot_x(q[None, :, :], x_words + k0, one_bits)  # [BN, BM, W], [BN, 1, W] x2
-        acc += t * s[None, :, None]
-        acc_ones += s[None, :] * tl.sum(c, axis=2)
+        q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        q_dot_x, x_sum = _words_dot_x(q[None, :, :], x_words + k0, one_bits)  # [BN, BM, W], [BN, 1, W]
+        acc += q_dot_x * s[None, :, None]
         acc_bias += b[None, :] * tl.sum(x_sum, axis=2)
 
-    out = 128.0 * (tl.sum(acc, axis=2) - acc_ones) + acc_bias
+    out = tl.sum(acc, axis=2) + acc_bias
     out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_m[None, :]
     mask = mask_n[:, None] & mask_m[None, :]
     if split_k == 1:
@@ -338,7 +328,7 @@ def _w4_gemm_kernel(
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + k0 // 8)
-        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, rows)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
         w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
         x = tl.load(x_ptrs + k0)
         acc = tl.dot(w, tl.trans(x), acc)
@@ -373,11 +363,11 @@ def _w4_dequant_kernel(
     mask_m = offs_m < M
     k0 = tl.program_id(1) * BLOCK_K
     q = tl.load(
-        qw_ptr + offs_m[:, None].to(tl.int64) * _row_words(K) + k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :],
+        qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :],
         mask=mask_m[:, None],
         other=0,
     )
-    s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, _load_rows(offs_m, M))
+    s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
     w = _dequantize(q, s[:, None], b[:, None], one_bits, out_ptr.dtype.element_ty)
     out_ptrs = out_ptr + offs_r[:, None].to(tl.int64) * K + k0 + tl.arange(0, BLOCK_K)[None, :]
     tl.store(out_ptrs, w, mask=mask_m[:, None])
