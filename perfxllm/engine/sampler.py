@@ -59,7 +59,9 @@ class Sampler:
             logits.shape[1],
             logits.device,
         )
-        tokens = sample(logits, settings, self.generator, [self.generator_for(seq) for seq in seqs])
+        seeded = any(p.seed is not None for p in params)
+        generators = [self.generator_for(seq) for seq in seqs] if seeded else None
+        tokens = sample(logits, settings, self.generator, generators)
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         found: list[torch.Tensor] = []
         if wanted:

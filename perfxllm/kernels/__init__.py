@@ -1,7 +1,7 @@
 """The Triton operator library. Each module holds one op: its kernel, its launcher and its torch reference.
 
-Importing a Triton kernel module imports triton, so the layers import them only once `runs_on_kernels` says yes:
-the CPU path never needs triton.
+Importing a Triton kernel module imports triton, so the layers import them only once `runs_on_kernels` says
+yes: the CPU path never needs triton.
 
 Integer arguments that change from step to step (token counts, block-table widths, partition counts) are
 marked do_not_specialize: otherwise Triton compiles a new variant of the kernel the first time such a value

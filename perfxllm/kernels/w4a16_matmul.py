@@ -128,7 +128,8 @@ def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
 @triton.jit
 def _row_words(K):
     """Words per row of qweight: G (32, 64 or 128) divides K, so a multiple of 4 and rows start on 16 bytes
-    (which lets the loads be 16 bytes wide)."""
+    (which lets the loads be 16 bytes wide). The GEMVs keep K // 8: with the other loop changes of dc764d7,
+    the wider loads measured slower there (benchmarks/kernels-notes.md, v6)."""
     return tl.multiple_of(K // 8, 4)
 
 
