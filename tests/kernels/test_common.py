@@ -83,3 +83,19 @@ def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch):
 
     configs = [{"BLOCK": 16}, {"BLOCK": 64}, {"BLOCK": 32}]
     assert DiskTuner("test")._tuned("k", configs, run) == {"BLOCK": 32}
+
+
+def test_the_cpu_path_imports_without_triton():
+    """kernels/__init__ promises it: the engine, the server and the CLI import on a machine without triton (the
+    torch-only ops, such as sampling, share _common's checks)."""
+    blocker = (
+        "import sys\n"
+        "class NoTriton:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'triton':\n"
+        "            raise ImportError('triton is blocked')\n"
+        "sys.meta_path.insert(0, NoTriton())\n"
+        "import perfxllm.engine.engine, perfxllm.kernels.sampling, perfxllm.cli\n"
+    )
+    done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
