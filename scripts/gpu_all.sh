@@ -21,7 +21,11 @@ stages=${*:-tests engine kernels e2e offline online steps}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PERFXLLM_CACHE_DIR=${PERFXLLM_CACHE_DIR:-$out/cache}
 serve="python -m perfxllm bench serve --random-weights llama3-8b --device cuda --dtype float16
-       --max-num-seqs 256 --max-num-batched-tokens 8192 --input-len 200 --output-len 150"
+       --input-len 200 --output-len 150"
+# vLLM's limits on a GPU of 70 GB or more: 1024 sequences and 16384 tokens a step offline (its LLM class), 8192
+# tokens for its server, where 256 sequences cover the largest concurrency here
+offline_limits="--max-num-seqs 1024 --max-num-batched-tokens 16384"
+online_limits="--max-num-seqs 256 --max-num-batched-tokens 8192"
 start=$(date +%s)
 for stage in $stages; do
     case $stage in
@@ -30,11 +34,12 @@ for stage in $stages; do
         engine) python scripts/gpu_check_engine.py ${SLICE_GGUF:+--gguf "$SLICE_GGUF"} --out "$out/engine-check.json" ;;
         kernels) python -m perfxllm bench kernels --out-dir "$out" ;;
         e2e) python -m perfxllm bench e2e --device cuda --quant int4 fp16 --repeats 2 --sweep --hf --out-dir "$out" ;;
-        offline) $serve --offline --num-requests 1000 --result-dir "$out/offline-fp16"
-                 $serve --offline --num-requests 1000 --quantization int4 --result-dir "$out/offline-int4" ;;
-        online) $serve --num-requests 256 --concurrency 256 64 16 --result-dir "$out/online"
-                $serve --num-requests 12 --concurrency 1 --result-dir "$out/online-1" ;;
-        steps) python scripts/profile_serve_steps.py --out "$out/serve-steps.json" ;;
+        offline) $serve $offline_limits --offline --num-requests 1000 --result-dir "$out/offline-fp16"
+                 $serve $offline_limits --offline --num-requests 1000 --quantization int4 \
+                     --result-dir "$out/offline-int4" ;;
+        online) $serve $online_limits --num-requests 256 --concurrency 256 64 16 --result-dir "$out/online"
+                $serve $online_limits --num-requests 12 --concurrency 1 --result-dir "$out/online-1" ;;
+        steps) python scripts/profile_serve_steps.py $offline_limits --profile-after 4 --out "$out/serve-steps.json" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac > "$out/$stage.log" 2>&1
     echo "== $stage exit $? at $(( $(date +%s) - start )) s"

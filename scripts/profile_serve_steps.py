@@ -5,9 +5,10 @@
 
 Runs the offline benchmark's workload (the same synthesized requests, all added at once, EOS ignored) on the
 real Engine and times every step, split into decode-only steps and steps with prompt tokens, by what each
-step launched (with async scheduling a step's outputs are the previous step's). Then it profiles a few steps of each kind with torch.profiler (the GPU time of
-their kernels against their wall time says whether a step waits on the host or on the GPU) and one of each
-with cProfile (where the host's time goes).
+step launched (with async scheduling a step's outputs are the previous step's), with the time each step
+blocks on the previous step's draws (near 0 where the host, not the GPU, sets the pace). Then it profiles a
+few steps of each kind with torch.profiler (their kernels' GPU time) and one of each with cProfile (where
+the host's time goes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from perfxllm.bench.e2e_gpu import kernel_times
 from perfxllm.bench.serve import synthesize
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
+from perfxllm.engine.sampler import SampledBatch
 from perfxllm.sampling_params import SamplingParams
 
 
@@ -66,6 +68,9 @@ def main() -> None:
             max_num_batched_tokens=args.max_num_batched_tokens,
         )
     )
+    engine.add_request(engine.tokenizer.encode("Warm up"), SamplingParams(max_tokens=4, temperature=0))
+    while engine.has_unfinished():  # as the offline benchmark does: first-use costs stay out of the steps
+        engine.step()
     requests = synthesize(engine.tokenizer, args.num_requests, 200, 150, engine.max_model_len, 0)
     for r in requests:
         params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
@@ -73,6 +78,7 @@ def main() -> None:
 
     # the kind of step each engine.step() launches: decode-only when every scheduled sequence runs one token
     launched: list[str] = []
+    tokens: list[int] = []
     schedule = engine.scheduler.schedule
 
     def recording_schedule():
@@ -80,9 +86,22 @@ def main() -> None:
         launched.append(
             "none" if batch is None else "decode" if batch.num_tokens == len(batch.seqs) else "mixed"
         )
+        tokens.append(batch.num_tokens if batch else 0)
         return batch
 
     engine.scheduler.schedule = recording_schedule
+    # the time a step blocks on the previous step's draws: near 0 when the host is the bottleneck
+    waits: list[float] = []
+    samples = SampledBatch.samples
+
+    def timed_samples(drawn: SampledBatch):
+        t0 = time.perf_counter()
+        if drawn._ready is not None:
+            drawn._ready.synchronize()
+        waits.append(time.perf_counter() - t0)
+        return samples(drawn)
+
+    SampledBatch.samples = timed_samples
     steps, profiled, host = [], {"decode": [], "mixed": []}, {}
     start = time.perf_counter()
     while engine.has_unfinished():
@@ -100,11 +119,14 @@ def main() -> None:
                 top, _ = host_profile(engine)
                 host.setdefault(launched[-1], top)
             continue
+        waits.clear()
         out = engine.step()
         steps.append(
             {
                 "ms": (time.perf_counter() - t0) * 1e3,
+                "wait_ms": sum(waits) * 1e3,
                 "running": running,
+                "tokens": tokens[-1],
                 "outputs": len(out),
                 "kind": launched[-1],
             }
@@ -126,6 +148,7 @@ def main() -> None:
         "other_steps": len(mixed),
         "other_ms_median": statistics.median(mixed) if mixed else None,
         "other_s_total": sum(mixed) / 1e3,
+        "wait_s_total": sum(s["wait_ms"] for s in steps) / 1e3,
         "profiled": profiled,
         "host_top_ms": host,
     }

@@ -19,7 +19,7 @@ from perfxllm.engine.cuda_graph import CUDAGraphRunner
 from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
-from perfxllm.engine.model_runner import ModelRunner
+from perfxllm.engine.model_runner import ModelRunner, warm_up_inputs
 from perfxllm.engine.sampler import Sample, SampledBatch, Sampler
 from perfxllm.engine.scheduler import Scheduler
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
@@ -115,6 +115,11 @@ class Engine:
         if self.tp is not None:
             self.tp.broadcast(num_blocks)
         self.runner = make_runner(self.model, config, num_blocks, self.max_model_len, self.tp)
+        if runs_on_kernels(self.model.layers[0].input_layernorm.weight) and self.tp is None:
+            largest = warm_up_inputs(
+                config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size
+            )
+            self.runner.execute(largest)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device, config.seed)

@@ -18,6 +18,7 @@ from torch import nn
 
 from perfxllm.engine.cuda_graph import capture as capture_graphs
 from perfxllm.engine.model_runner import StepInputs
+from perfxllm.kernels._common import copy_to
 from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor, leading_decodes
 
 BUCKETS = (64, 128, 256, 384, 512, 768, 1024)
@@ -103,10 +104,10 @@ class MixedGraphRunner:
             (self.logit_rows, inputs.logit_rows + [0] * (self.max_seqs - len(inputs.logit_rows))),
         ]
         for dest, values in copies:
-            dest.copy_(torch.tensor(values, dtype=dest.dtype), non_blocking=True)
+            copy_to(dest, values)
         self.slot_mapping[t:bucket].fill_(-1)
         tables = block_table_tensor(inputs.block_tables)
-        self.block_tables[: len(lens), : tables.shape[1]].copy_(tables, non_blocking=True)
+        copy_to(self.block_tables[: len(lens), : tables.shape[1]], tables)
         if self.graphs:
             self.graphs[bucket].replay()
             hidden = self.hidden[bucket]

@@ -116,11 +116,25 @@ class ModelRunner:
             query_lens=inputs.query_lens,
             context_lens=to_device(inputs.context_lens, self.device, torch.int32),
             slot_mapping=to_device(inputs.slots, self.device),
-            block_tables=block_table_tensor(inputs.block_tables).to(self.device, non_blocking=True),
+            block_tables=block_table_tensor(inputs.block_tables, self.device),
             max_context_len=max(inputs.context_lens),
         )
         hidden = self.model(ids, to_device(inputs.positions, self.device), meta)
         return self.model.compute_logits(hidden[to_device(inputs.logit_rows, self.device)])
+
+
+def warm_up_inputs(num_tokens: int, max_seqs: int, max_model_len: int, block_size: int) -> StepInputs:
+    """A step of num_tokens prompt tokens in prompts of about 256 (as many as max_seqs allows) that writes
+    no cache slot: running it once at start-up moves the first-use costs of the largest steps (kernel
+    variants, GEMM heuristics, activation memory) out of the first requests, as vLLM's profile run does."""
+    num_seqs = max(min(max_seqs, -(-num_tokens // 256)), -(-num_tokens // (max_model_len - 1)))
+    lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
+    inputs = StepInputs([0] * num_tokens, [], [-1] * num_tokens, lens, lens, [], [], [])
+    for n in lens:
+        inputs.positions += range(n)
+        inputs.block_tables.append([0] * -(-n // block_size))
+        inputs.logit_rows.append(len(inputs.positions) - 1)
+    return inputs
 
 
 @torch.inference_mode()

@@ -58,11 +58,23 @@ def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
 
 
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A tensor of values on device, copied without waiting: building it on the GPU from a list (or indexing a
-    GPU tensor with a list) copies with a wait for the device, which under async scheduling is the step in
-    flight."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+def to_device(
+    values: list | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.int64
+) -> torch.Tensor:
+    """values (a list as dtype, or a CPU tensor) on device, copied without waiting (see copy_to): building a
+    tensor on the GPU from a list (or indexing a GPU tensor with a list) copies with a wait for the device,
+    which under async scheduling is the step in flight."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
+
+
+def copy_to(dest: torch.Tensor, values: list | torch.Tensor) -> None:
+    """Copy values (a list, or a tensor on the CPU) into dest without waiting for the device. From pageable
+    memory the driver stages a copy through a pinned buffer and, past some 64 KB, waits for the stream to
+    reach it (a decode step's block tables at 1024 sequences, a long prefill's slots): so the values go
+    through page-locked memory, which PyTorch's host allocator keeps until the copy is done."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dest.dtype)
+    dest.copy_(host.pin_memory() if dest.is_cuda else host, non_blocking=True)
 
 
 def num_sms(device: torch.device) -> int:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from perfxllm.kernels import decode_ops_cpu, runs_on_kernels
+from perfxllm.kernels._common import to_device
 from perfxllm.layers.rotary import apply_rope
 
 
@@ -42,8 +44,7 @@ class PrefillLayout:
         from perfxllm.kernels.rope_attention_prefill import prefill_tiles
 
         cu = [0, *itertools.accumulate(query_lens)]
-        host = torch.tensor(cu + prefill_tiles(query_lens, first), dtype=torch.int32)
-        both = host.to(context_lens.device, non_blocking=True)
+        both = to_device(cu + prefill_tiles(query_lens, first), context_lens.device, torch.int32)
         cu_t = both[: len(cu)]
         return PrefillLayout(cu_t, context_lens - (cu_t[1:] - cu_t[:-1]), both[len(cu) :].view(-1, 2))
 
@@ -74,11 +75,15 @@ class AttentionMetadata:
         return self.prefill
 
 
-def block_table_tensor(block_tables: list[list[int]]) -> torch.Tensor:
-    """int32 [B, longest] on the CPU: each sequence's blocks, padded with block 0 (never read: context_lens
+def block_table_tensor(
+    block_tables: list[list[int]], device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
+    """int32 [B, longest] on device: each sequence's blocks, padded with block 0 (never read: context_lens
     bounds reads)."""
-    width = max(len(t) for t in block_tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+    table = np.zeros((len(block_tables), max(len(t) for t in block_tables)), dtype=np.int32)
+    for row, blocks in zip(table, block_tables):  # row by row: 4x faster than a tensor from nested lists
+        row[: len(blocks)] = blocks
+    return to_device(torch.from_numpy(table), device)
 
 
 def attention(

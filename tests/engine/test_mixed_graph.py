@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.engine.mixed_graph import MixedGraphRunner
+from perfxllm.engine.model_runner import warm_up_inputs
 from perfxllm.layers import attention
 from perfxllm.sampling_params import SamplingParams
 
@@ -122,3 +123,27 @@ def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, mon
     assert len(static_logits) == len(eager_logits)
     for a, b in zip(static_logits, eager_logits):
         assert a.shape == b.shape and (not a.numel() or rel_err(a, b) < 1e-3)
+
+
+def test_warm_up_step_writes_no_cache_slot(tiny_llama, monkeypatch):
+    """The engine's start-up step of max_num_batched_tokens tokens (prompts of about 256, each shorter than
+    the context) runs on the kernels and leaves every cache block as it was."""
+    monkeypatch.setattr(attention, "runs_on_kernels", lambda x: True)
+    monkeypatch.setattr(attention.decode_ops_cpu, "available", lambda q: False)
+    config = EngineConfig(
+        model=str(tiny_llama), dtype="float16", enforce_eager=True, max_num_seqs=3, max_model_len=64
+    )
+    engine = Engine(config)
+    inputs = warm_up_inputs(300, config.max_num_seqs, engine.max_model_len, config.block_size)
+    assert sum(inputs.query_lens) == len(inputs.input_ids) == 300
+    assert len(inputs.query_lens) == 5 and max(inputs.query_lens) < engine.max_model_len  # 3 would not fit
+    assert set(inputs.slots) == {-1} and len(inputs.logit_rows) == 5
+    layers = engine.model.layers
+    for layer in layers:
+        layer.self_attn.k_cache.normal_()
+        layer.self_attn.v_cache.normal_()
+    before = [(layer.self_attn.k_cache.clone(), layer.self_attn.v_cache.clone()) for layer in layers]
+    logits = engine.runner.execute(inputs)
+    assert logits.shape == (5, engine.model_config.vocab_size) and torch.isfinite(logits).all()
+    for layer, (k, v) in zip(layers, before):
+        assert torch.equal(layer.self_attn.k_cache, k) and torch.equal(layer.self_attn.v_cache, v)

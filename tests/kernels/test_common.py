@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from perfxllm.kernels._common import DiskTuner, time_in_graph
+from perfxllm.kernels._common import DiskTuner, copy_to, time_in_graph, to_device
 
 # Run where TRITON_INTERPRET is unset: only there does @triton.jit keep its do_not_specialize list.
 UNSPECIALIZED_CHECK = """
@@ -99,3 +99,19 @@ def test_the_cpu_path_imports_without_triton():
     )
     done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_values_arrive_whole(device):
+    """to_device and copy_to, past the size where a copy from pageable memory would wait for the stream
+    (they go through pinned memory), behind work still running on the GPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    values = list(range(-5, 300_000))
+    if device == "cuda":
+        torch.cuda._sleep(10**7)  # the stream is busy while the copies are queued
+    moved = to_device(values, torch.device(device), torch.int32)
+    dest = torch.zeros(len(values) + 3, dtype=torch.int64, device=device)
+    copy_to(dest[:-3], values)
+    assert moved.dtype == torch.int32 and moved.tolist() == values
+    assert dest.tolist() == [*values, 0, 0, 0]
