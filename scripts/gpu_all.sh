@@ -39,7 +39,7 @@ for stage in $stages; do
                      --result-dir "$out/offline-int4" ;;
         online) $serve $online_limits --num-requests 256 --concurrency 256 64 16 --result-dir "$out/online"
                 $serve $online_limits --num-requests 12 --concurrency 1 --result-dir "$out/online-1" ;;
-        steps) python scripts/profile_serve_steps.py $offline_limits --profile-after 4 --out "$out/serve-steps.json" ;;
+        steps) python scripts/profile_serve_steps.py $offline_limits --profile-after 12 --out "$out/serve-steps.json" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac > "$out/$stage.log" 2>&1
     echo "== $stage exit $? at $(( $(date +%s) - start )) s"

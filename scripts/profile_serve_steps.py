@@ -103,12 +103,16 @@ def main() -> None:
 
     SampledBatch.samples = timed_samples
     steps, profiled, host = [], {"decode": [], "mixed": []}, {}
+    # at most this many steps of each profile (a run may have no more steps of one kind: with 1024 sequences,
+    # none with prompt tokens once the prompts are in)
+    kernel_steps, host_steps = 24, 4
     start = time.perf_counter()
     while engine.has_unfinished():
         running = len(engine.scheduler.running)
         t0 = time.perf_counter()
-        if args.device == "cuda" and len(steps) >= args.profile_after and len(host) < 2:
-            if min(len(p) for p in profiled.values()) < 3:  # first the GPU's view of a few steps
+        if args.device == "cuda" and len(steps) >= args.profile_after and host_steps:
+            if min(len(p) for p in profiled.values()) < 3 and kernel_steps:  # first the GPU's view
+                kernel_steps -= 1
                 total, top = kernel_times(engine.step)
                 if len(profiled[launched[-1]]) < 3:
                     wall = (time.perf_counter() - t0) * 1e3
@@ -116,6 +120,7 @@ def main() -> None:
                         {"wall_ms": wall, "kernel_ms": total, "running": running, "top": top}
                     )
             else:  # then the host's: Python functions by own time
+                host_steps -= 1
                 top, _ = host_profile(engine)
                 host.setdefault(launched[-1], top)
             continue
