@@ -148,6 +148,8 @@ def attention(
 def write_kv_cache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
+    """k, v [T, Hkv, D] into the caches at slots [T], every slot a real one: padding (slot -1) only reaches
+    the kernels (skipping it here would need the device's answer, a wait inside the step)."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))

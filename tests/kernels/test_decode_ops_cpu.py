@@ -55,14 +55,19 @@ def test_rope_cache_write():
     q, k, v = (t.view(tokens, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
     assert decode_ops_cpu.qkv_rows(q, k, v) and not decode_ops_cpu.qkv_rows(q.clone(), k, v)
     positions = torch.tensor([0, 7, 100, 2047, 3])
-    slots = torch.tensor([4, 9, 0, 31, 17])
+    slots = torch.tensor([4, -1, 0, 30, -1])  # -1: padding, written nowhere (not at the last slot)
     cos_sin = rope_cos_sin_cache(d, 2048, 10000.0)
     caches = [torch.zeros(8, 4, hkv, d) for _ in range(4)]
     want_q, want_k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
-    write_kv_cache(want_k, v, caches[2], caches[3], slots)
+    written = slots >= 0
+    write_kv_cache(want_k[written], v[written], caches[2], caches[3], slots[written])
     decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, slots, caches[0], caches[1])
     assert close(q, want_q) and close(k, want_k)
     assert close(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[[4, 0, 30]] = False
+    for cache in caches:
+        assert cache.view(32, -1)[untouched].eq(0).all() and cache.view(32, -1)[~untouched].ne(0).all()
 
 
 def test_decode_attention():

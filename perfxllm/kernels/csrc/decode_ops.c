@@ -32,7 +32,7 @@ void silu_mul_f32(const float* gate_up, int64_t rows, int64_t inter, float* out)
 }
 
 // Rotates the first `rot_heads` heads of each token's qkv row in place (q then k heads, rotate_half layout,
-// cos_sin [positions, D]: cos | sin) and writes its k and v heads into the caches at slots[t].
+// cos_sin [positions, D]: cos | sin) and writes its k and v heads into the caches at slots[t] (-1: nowhere).
 // qkv [T, (Hq + 2 Hkv) * D]; caches [slots, Hkv * D].
 void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, int64_t d, const int64_t* positions,
                           const float* cos_sin, const int64_t* slots, float* k_cache, float* v_cache) {
@@ -48,6 +48,7 @@ void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, i
                 x[i + half] = x2 * c + x1 * s;
             }
         }
+        if (slots[t] < 0) continue;  // padding (a CUDA graph's, the start-up step's): no slot
         float* kc = k_cache + slots[t] * hkv * d;
         float* vc = v_cache + slots[t] * hkv * d;
         for (int64_t i = 0; i < hkv * d; i++) {
