@@ -115,6 +115,7 @@ class Engine:
         if self.tp is not None:
             self.tp.broadcast(num_blocks)
         self.runner = make_runner(self.model, config, num_blocks, self.max_model_len, self.tp)
+        # a tensor-parallel group would have to run it on every rank together
         if runs_on_kernels(self.model.layers[0].input_layernorm.weight) and self.tp is None:
             largest = warm_up_inputs(
                 config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size

@@ -129,7 +129,16 @@ def warm_up_inputs(num_tokens: int, max_seqs: int, max_model_len: int, block_siz
     variants, GEMM heuristics, activation memory) out of the first requests, as vLLM's profile run does."""
     num_seqs = max(min(max_seqs, -(-num_tokens // 256)), -(-num_tokens // (max_model_len - 1)))
     lens = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
-    inputs = StepInputs([0] * num_tokens, [], [-1] * num_tokens, lens, lens, [], [], [])
+    inputs = StepInputs(
+        input_ids=[0] * num_tokens,
+        positions=[],
+        slots=[-1] * num_tokens,
+        query_lens=lens,
+        context_lens=lens,
+        block_tables=[],
+        logit_rows=[],
+        pending=[],
+    )
     for n in lens:
         inputs.positions += range(n)
         inputs.block_tables.append([0] * -(-n // block_size))

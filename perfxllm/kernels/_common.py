@@ -64,8 +64,7 @@ def to_device(
     """values (a list as dtype, or a CPU tensor) on device, copied without waiting (see copy_to): building a
     tensor on the GPU from a list (or indexing a GPU tensor with a list) copies with a wait for the device,
     which under async scheduling is the step in flight."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    return host if device.type != "cuda" else host.pin_memory().to(device, non_blocking=True)
+    return _host(values, dtype, device.type == "cuda").to(device, non_blocking=True)
 
 
 def copy_to(dest: torch.Tensor, values: list | torch.Tensor) -> None:
@@ -73,8 +72,12 @@ def copy_to(dest: torch.Tensor, values: list | torch.Tensor) -> None:
     memory the driver stages a copy through a pinned buffer and, past some 64 KB, waits for the stream to
     reach it (a decode step's block tables at 1024 sequences, a long prefill's slots): so the values go
     through page-locked memory, which PyTorch's host allocator keeps until the copy is done."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dest.dtype)
-    dest.copy_(host.pin_memory() if dest.is_cuda else host, non_blocking=True)
+    dest.copy_(_host(values, dest.dtype, dest.is_cuda), non_blocking=True)
+
+
+def _host(values: list | torch.Tensor, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if pinned else host
 
 
 def num_sms(device: torch.device) -> int:
