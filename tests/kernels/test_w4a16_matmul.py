@@ -96,9 +96,12 @@ def assert_split_workspace_clean(device):
 
 
 def test_config_tiles_must_lie_within_a_group(device, rel_err):
-    cfg = dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="BLOCK_K=64 must divide the group size 32"):
-        run_case(1, 16, 128, 32, device, rel_err, config=cfg)
+        run_case(2, 16, 128, 32, device, rel_err, config=cfg)
+    gemv = dict(BLOCK_M=16, BLOCK_K=96, SPLIT_K=1, num_warps=4, num_stages=1)  # the GEMV: whole groups
+    with pytest.raises(ValueError, match="BLOCK_K=96 must be a multiple of the group size 32 that divides"):
+        run_case(1, 16, 128, 32, device, rel_err, config=gemv)
 
 
 @pytest.mark.gpu
@@ -114,13 +117,15 @@ def test_tensor_cores_bfloat16(split_k, rel_err):
     assert_split_workspace_clean("cuda")
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize(
-    ("g", "block_k", "split_k", "stages"), [(32, 32, 1, 1), (64, 64, 3, 2), (128, 64, 2, 4), (128, 128, 5, 1)]
+    ("g", "block_k", "split_k", "stages"),
+    [(32, 32, 1, 1), (64, 64, 3, 2), (128, 64, 2, 4), (128, 128, 5, 1), (64, 256, 2, 2), (128, 256, 1, 1)],
 )
-def test_gemv_tiles(g, block_k, split_k, stages, device, rel_err):
-    """N = 1 with K tiles of a group or part of one (ragged M, splits that do not divide the tiles evenly),
-    with weight tiles loaded ahead or not."""
-    cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages)
+def test_gemv_tiles(g, block_k, split_k, stages, pairs, device, rel_err):
+    """N = 1 with K tiles of part of a group, one group or several (ragged M, splits that do not divide the
+    tiles evenly), with weight tiles loaded ahead or not, products in float32 or in fp16 pairs."""
+    cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages, PAIRS=pairs)
     run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
     run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
     assert_split_workspace_clean(device)
@@ -179,3 +184,28 @@ def test_dequantize_then_matmul(scratch_rows, device, rel_err, monkeypatch):
         monkeypatch.setattr(mod, "_scratch", {})
     cfg = dict(DEQUANT=True, BLOCK_M=16, BLOCK_K=64)
     run_case(33, 80, 256, 64, device, rel_err, config=cfg, seed=11)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16x2 PTX runs on the GPU only")
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(BLOCK_M=32, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2, PAIRS=True),
+        dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1, PAIRS=True),
+        dict(BLOCK_M=32, BLOCK_K=256, SPLIT_K=2, num_warps=2, num_stages=2, PAIRS=True),
+    ],
+)
+@pytest.mark.parametrize("float_min", [False, True])
+def test_fp16_pairs_in_ptx(cfg, float_min, rel_err):
+    """The GEMV's products in fp16x2 PTX against the reference, also with activations as large as Llama's
+    outliers (the fp16 products must not overflow)."""
+    n = 1
+    w = random_int4(200, 1024, 64, float_min, seed=21)
+    packed = mod.prepack(w.to("cuda"))
+    for scale in (1.0, 2000.0):
+        x = (torch.randn(n, 1024, generator=torch.Generator().manual_seed(22)) * scale).half()
+        x[:, 5] = 30000.0 if scale > 1 else x[:, 5]
+        out = mod.w4a16_matmul(x.cuda(), packed, config=cfg)
+        assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < TOL
+    assert_split_workspace_clean("cuda")
