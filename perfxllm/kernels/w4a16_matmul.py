@@ -17,8 +17,9 @@ Two kernels, picked by N (tokens):
     N = 1   GEMV on the CUDA cores: a tile of BLOCK_M rows by part of a group, one group or several per
             iteration; the products are summed per word in registers and scaled per group, and the sum
             across K happens once, after the loop. Split along K with fp32 atomics when there are too few
-            row tiles. For fp16 x the products are fp16x2 in PTX (_WORD_DOT_X_PAIRS_PTX: two nibbles per
-            LOP3, two products per HFMA2); for bf16 x, and under the interpreter, float32.
+            row tiles. For fp16 x the products are fp16x2 in PTX (_QUAD_DOT_PTX: two nibbles per LOP3, two
+            products per HFMA2, one chain over a thread's four words); for bf16 x, and under the
+            interpreter, float32.
     N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
             small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
@@ -162,39 +163,47 @@ def _words_dot_x(q, x_words, one_bits):
     return lo * 2048.0 + (hi * 128.0 - (x_lo_sum * 2048.0 + x_hi_sum * 128.0)), x_lo_sum + x_hi_sum
 
 
-# fp16 products of one word in PTX: the nibble pairs at bits (0, 16), (8, 24), (4, 20) and (12, 28) are input
-# channels (0, 1), (2, 3), (4, 5) and (6, 7) (see _NIBBLE_SHIFT). One LOP3 puts two nibbles into the mantissas
-# of an fp16x2 of 1024 + q (or 1024 + 16 q for bits 4 and 12); one SUB (or FMA by 1/16) leaves q exactly; four
-# HFMA2 take the products with x's pairs $2-$5 (x / 64, so that four products cannot overflow fp16), and the
-# two halves are summed in fp32: 16 instructions for 8 weights (the sm_90 loop of a 256 x 128 tile: 778
-# instructions against 1,017 on the float32 path).
-_WORD_DOT_X_PAIRS_PTX = tl.constexpr("""{
-.reg .b32 t, a, b, c, d, k, s, o, p;
-.reg .b16 h0, h1;
-.reg .f32 f0, f1;
-mov.b32 k, 0x64006400;
-mov.b32 s, 0x2C002C00;
-mov.b32 o, 0xD400D400;
-shr.u32 t, $1, 8;
-lop3.b32 a, $1, 0x000f000f, k, 0xea;
-lop3.b32 b, $1, 0x00f000f0, k, 0xea;
-lop3.b32 c, t, 0x000f000f, k, 0xea;
-lop3.b32 d, t, 0x00f000f0, k, 0xea;
-sub.f16x2 a, a, k;
-sub.f16x2 c, c, k;
-fma.rn.f16x2 b, b, s, o;
-fma.rn.f16x2 d, d, s, o;
-mul.f16x2 p, a, $2;
-fma.rn.f16x2 p, c, $3, p;
-fma.rn.f16x2 p, b, $4, p;
-fma.rn.f16x2 p, d, $5, p;
-mov.b32 {h0, h1}, p;
-cvt.f32.f16 f0, h0;
-cvt.f32.f16 f1, h1;
-add.f32 $0, f0, f1;
-}""")
-X_PAIR_SCALE = tl.constexpr(64.0)  # x enters the fp16 products divided by this (exact: a power of two)
-_X_PAIR_SCALE_PTX = tl.constexpr("{.reg .b32 k; mov.b32 k, 0x24002400; mul.f16x2 $0, $1, k;}")  # x / 64
+def _quad_dot_ptx() -> str:
+    """PTX for the fp16 products of four words of a row (one thread's 16 bytes) with their inputs, summed.
+
+    The nibble pairs at bits (0, 16), (8, 24), (4, 20) and (12, 28) of a word are input channels (0, 1), (2, 3),
+    (4, 5) and (6, 7) (see _NIBBLE_SHIFT). One LOP3 puts two nibbles into the mantissas of an fp16x2 of
+    1024 + q (or 1024 + 16 q for bits 4 and 12), one SUB (or FMA by 1/16) leaves q exactly, and one HFMA2
+    adds two products with x / X_PAIR_SCALE into a single fp16x2 chain over the 32 channels (16 products a
+    half, at most 16 * 15 * 65504 / 256 < 65504: no fp16 x overflows it); the two halves are then summed in
+    fp32. Operands: $0 the float32 sum, $1-$4 the words, $5-$20 the scaled pairs of x, four a word."""
+    lines = [
+        ".reg .b32 t, a, b, c, d, k, s, o, p;",
+        ".reg .b16 h0, h1;",
+        ".reg .f32 f0, f1;",
+        "mov.b32 k, 0x64006400;",  # fp16x2 (1024, 1024)
+        "mov.b32 s, 0x2C002C00;",  # 1/16
+        "mov.b32 o, 0xD400D400;",  # -64
+    ]
+    for i in range(4):
+        word, x = f"${1 + i}", [f"${5 + 4 * i + j}" for j in range(4)]
+        lines += [
+            f"shr.u32 t, {word}, 8;",
+            f"lop3.b32 a, {word}, 0x000f000f, k, 0xea;",
+            f"lop3.b32 b, {word}, 0x00f000f0, k, 0xea;",
+            "lop3.b32 c, t, 0x000f000f, k, 0xea;",
+            "lop3.b32 d, t, 0x00f000f0, k, 0xea;",
+            "sub.f16x2 a, a, k;",
+            "sub.f16x2 c, c, k;",
+            "fma.rn.f16x2 b, b, s, o;",
+            "fma.rn.f16x2 d, d, s, o;",
+            f"mul.f16x2 p, a, {x[0]};" if i == 0 else f"fma.rn.f16x2 p, a, {x[0]}, p;",
+            f"fma.rn.f16x2 p, c, {x[1]}, p;",
+            f"fma.rn.f16x2 p, b, {x[2]}, p;",
+            f"fma.rn.f16x2 p, d, {x[3]}, p;",
+        ]
+    lines += ["mov.b32 {h0, h1}, p;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;", "add.f32 $0, f0, f1;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_QUAD_DOT_PTX = tl.constexpr(_quad_dot_ptx())
+X_PAIR_SCALE = tl.constexpr(256.0)  # x enters the fp16 products divided by this (exact: a power of two)
+_X_PAIR_SCALE_PTX = tl.constexpr("{.reg .b32 k; mov.b32 k, 0x1C001C00; mul.f16x2 $0, $1, k;}")  # x / 256
 
 
 @triton.jit
@@ -213,8 +222,8 @@ def _fp16_pair_sum(v):
 
 @triton.jit
 def _nibble_pair_dot(q, bit: tl.constexpr, pair):
-    """Float32 emulation of one HFMA2 of _WORD_DOT_X_PAIRS_PTX: the nibbles at bit and bit + 16 times the
-    low and high fp16 of pair."""
+    """Float32 emulation of one HFMA2 of _QUAD_DOT_PTX: the nibbles at bit and bit + 16 times the low and high
+    fp16 of pair."""
     lo, hi = _fp16_pair(pair)
     return ((q >> bit) & 0xF).to(tl.float32) * lo + ((q >> (bit + 16)) & 0xF).to(tl.float32) * hi
 
@@ -225,29 +234,54 @@ def _x_pair_scaled(pair):
 
 
 @triton.jit
-def _words_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
-    """For int32 words q and int32 pointers x_pairs to each word's first pair of fp16 inputs (broadcastable
-    against q), the sum over each word's 8 channels of nibble * x / X_PAIR_SCALE, and the sum of x over
-    them. x must be 4-byte aligned. ASM: in
-    fp16x2 PTX (_WORD_DOT_X_PAIRS_PTX); else in float32 with the same pairing (the Triton interpreter runs
-    no PTX)."""
-    x01 = tl.load(x_pairs)
-    x23 = tl.load(x_pairs + 1)
-    x45 = tl.load(x_pairs + 2)
-    x67 = tl.load(x_pairs + 3)
-    x_sum = _fp16_pair_sum(x01) + _fp16_pair_sum(x23) + _fp16_pair_sum(x45) + _fp16_pair_sum(x67)
+def _split4(t):
+    """t [..., 2, 2], a dimension of 4 (held within each thread) reshaped -> its four slices."""
+    a, b = tl.split(t)  # a: slices 0 and 2, b: 1 and 3
+    t0, t2 = tl.split(a)
+    t1, t3 = tl.split(b)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _word_dot_x_pairs(q, x01, x23, x45, x67):
+    """Float32 emulation of one word of _QUAD_DOT_PTX."""
+    dot = _nibble_pair_dot(q, 0, x01) + _nibble_pair_dot(q, 8, x23)
+    return dot + _nibble_pair_dot(q, 4, x45) + _nibble_pair_dot(q, 12, x67)
+
+
+@triton.jit
+def _by_word(pairs, W4: tl.constexpr):
+    """Pairs of x [1, W, pair] (4 pairs a word) -> 16 tensors [1, W // 4]: word 0's four pairs, word 1's..."""
+    # [1, W4, word (2 x 2), pair (2 x 2)] -> by pair [1, W4, 2, 2] -> by word
+    p0, p1, p2, p3 = _split4(tl.reshape(pairs, [1, W4, 2, 2, 2, 2]))
+    p0_0, p0_1, p0_2, p0_3 = _split4(p0)
+    p1_0, p1_1, p1_2, p1_3 = _split4(p1)
+    p2_0, p2_1, p2_2, p2_3 = _split4(p2)
+    p3_0, p3_1, p3_2, p3_3 = _split4(p3)
+    return p0_0, p1_0, p2_0, p3_0, p0_1, p1_1, p2_1, p3_1, p0_2, p1_2, p2_2, p3_2, p0_3, p1_3, p2_3, p3_3
+
+
+@triton.jit
+def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
+    """For int32 words q [R, W] and int32 pointers x_pairs [1, W] to each word's first pair of fp16 inputs (x
+    4-byte aligned), per four consecutive words of a row ([R, W // 4]): the sum over their 32 channels of
+    nibble * x / X_PAIR_SCALE, and ([1, W // 4]) the sum of x over them. ASM: in fp16x2 PTX (_QUAD_DOT_PTX);
+    else in float32 with the same pairing (the Triton interpreter runs no PTX)."""
+    R: tl.constexpr = q.shape[0]
+    W4: tl.constexpr = q.shape[1] // 4
+    q0, q1, q2, q3 = _split4(tl.reshape(q, [R, W4, 2, 2]))
+    pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [1, W, pair]
+    x_sum = tl.sum(tl.reshape(_fp16_pair_sum(pairs), [1, W4, 16]), axis=2)
     if ASM:
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(_x_pair_scaled(pairs), W4)
+        operands = [q0, q1, q2, q3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3]
         dot = tl.inline_asm_elementwise(
-            _WORD_DOT_X_PAIRS_PTX,
-            "=f,r,r,r,r,r",
-            [q, _x_pair_scaled(x01), _x_pair_scaled(x23), _x_pair_scaled(x45), _x_pair_scaled(x67)],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
+            _QUAD_DOT_PTX, "=f" + ",r" * 20, operands, dtype=tl.float32, is_pure=True, pack=1
         )
     else:
-        dot = _nibble_pair_dot(q, 0, x01) + _nibble_pair_dot(q, 8, x23)
-        dot += _nibble_pair_dot(q, 4, x45) + _nibble_pair_dot(q, 12, x67)
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(pairs, W4)
+        dot = _word_dot_x_pairs(q0, a0, a1, a2, a3) + _word_dot_x_pairs(q1, b0, b1, b2, b3)
+        dot += _word_dot_x_pairs(q2, c0, c1, c2, c3) + _word_dot_x_pairs(q3, d0, d1, d2, d3)
         dot = dot / X_PAIR_SCALE
     return dot, x_sum
 
@@ -294,40 +328,38 @@ def _w4_gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,  # weight tiles in flight (cp.async into shared memory); 1: plain loads
-    PAIRS: tl.constexpr,  # fp16 x: products in fp16 pairs (_words_dot_x_pairs); else float32 (_words_dot_x)
+    PAIRS: tl.constexpr,  # fp16 x: products in fp16 pairs (_quads_dot_x_pairs); else float32 (_words_dot_x)
     ASM: tl.constexpr,  # the pairs in PTX (not under the interpreter)
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    # A K tile is part of one group (BLOCK_K <= G) or several whole groups: [BLOCK_M, GROUPS, W] words
+    # A K tile is part of one group (BLOCK_K <= G) or several whole groups, one [BLOCK_M, W] load each
     GROUPS: tl.constexpr = BLOCK_K // G if BLOCK_K > G else 1
     W: tl.constexpr = BLOCK_K // 8 // GROUPS
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    piece = tl.arange(0, GROUPS)
-    tile_words = piece[None, :, None] * W + tl.arange(0, W)[None, None, :]  # [1, GROUPS, W]
-
+    offs_w = tl.arange(0, W)
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
 
-    w_ptrs = qw_ptr + offs_m[:, None, None].to(tl.int64) * _row_words(K) + tile_words
-    acc = tl.zeros([BLOCK_M, GROUPS, W], dtype=tl.float32)  # summed across K after the loop
-    acc_bias = tl.zeros([BLOCK_M, GROUPS], dtype=tl.float32)
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
+    ACC_W: tl.constexpr = W // 4 if PAIRS else W  # PAIRS: one sum per four words
+    acc = tl.zeros([BLOCK_M, ACC_W], dtype=tl.float32)  # summed across K after the loop
+    acc_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
     for it in tl.range(it_start, it_end, num_stages=STAGES):
-        k0 = it * BLOCK_K
-        q = tl.load(w_ptrs + it * (BLOCK_K // 8), mask=mask_m[:, None, None], other=0)
-        group = k0 // G + piece[None, :]
-        s = tl.load(s_ptr + group * M + offs_m[:, None], mask=mask_m[:, None], other=0).to(tl.float32)
-        b = tl.load(b_ptr + group * M + offs_m[:, None], mask=mask_m[:, None], other=0).to(tl.float32)
-        if PAIRS:  # [BLOCK_M, GROUPS, W], [1, GROUPS, W]
-            x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + tile_words * 4
-            q_dot_x, x_sum = _words_dot_x_pairs(q, x_pairs, ASM)
-        else:
-            q_dot_x, x_sum = _words_dot_x(q, x_ptr + k0 + tile_words * 8, one_bits)
-        acc += q_dot_x * s[:, :, None]
-        acc_bias += b * tl.sum(x_sum, axis=2)
+        for piece in tl.static_range(GROUPS):
+            k0 = it * BLOCK_K + piece * (8 * W)
+            q = tl.load(w_ptrs + k0 // 8, mask=mask_m[:, None], other=0)
+            s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+            if PAIRS:  # [BLOCK_M, W // 4], [1, W // 4]
+                x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + offs_w[None, :] * 4
+                q_dot_x, x_sum = _quads_dot_x_pairs(q, x_pairs, ASM)
+            else:
+                q_dot_x, x_sum = _words_dot_x(q, x_ptr + k0 + offs_w[None, :] * 8, one_bits)
+            acc += q_dot_x * s[:, None]
+            acc_bias += b * tl.sum(x_sum, axis=1)
 
-    out = tl.sum(tl.sum(acc, axis=2), axis=1) * (X_PAIR_SCALE if PAIRS else 1.0) + tl.sum(acc_bias, axis=1)
+    out = tl.sum(acc, axis=1) * (X_PAIR_SCALE if PAIRS else 1.0) + acc_bias
     if split_k == 1:
         tl.store(out_ptr + offs_m, out.to(out_ptr.dtype.element_ty), mask=mask_m)
     else:
@@ -573,6 +605,7 @@ _GEMV_TILES = (
     (256, 64, 8),
     (256, 128, 8),
     (512, 64, 8),
+    (512, 128, 8),
 )
 # Tiles of several whole groups (rows, groups, warps): 2-4 x 64 contiguous bytes of each row per load.
 _GEMV_WIDE_TILES = (
@@ -640,6 +673,17 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     return configs
 
 
+def _pairs(x: torch.Tensor, cfg: dict) -> bool:
+    """The fp16x2 products where the config asks for them and they apply: fp16 x on 4 bytes, and K tiles of at
+    least four words a row (a thread's chain)."""
+    return (
+        cfg.get("PAIRS", False)
+        and x.dtype == torch.float16
+        and x.data_ptr() % 4 == 0
+        and cfg["BLOCK_K"] >= 32
+    )
+
+
 def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     _check_config(w, cfg, groups_per_tile=True)
     m, k = w.shape
@@ -663,7 +707,7 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
         STAGES=cfg["num_stages"],
-        PAIRS=cfg.get("PAIRS", False) and x.dtype == torch.float16 and x.data_ptr() % 4 == 0,
+        PAIRS=_pairs(x, cfg),
         ASM=not interpreting(),
         num_warps=cfg["num_warps"],
     )

@@ -120,11 +120,20 @@ def test_tensor_cores_bfloat16(split_k, rel_err):
 @pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize(
     ("g", "block_k", "split_k", "stages"),
-    [(32, 32, 1, 1), (64, 64, 3, 2), (128, 64, 2, 4), (128, 128, 5, 1), (64, 256, 2, 2), (128, 256, 1, 1)],
+    [
+        (32, 16, 2, 1),
+        (32, 32, 1, 1),
+        (64, 64, 3, 2),
+        (128, 64, 2, 4),
+        (128, 128, 5, 1),
+        (64, 256, 2, 2),
+        (128, 256, 1, 1),
+    ],
 )
 def test_gemv_tiles(g, block_k, split_k, stages, pairs, device, rel_err):
     """N = 1 with K tiles of part of a group, one group or several (ragged M, splits that do not divide the
-    tiles evenly), with weight tiles loaded ahead or not, products in float32 or in fp16 pairs."""
+    tiles evenly), with weight tiles loaded ahead or not, products in float32 or in fp16 pairs (which need
+    four words a row: BLOCK_K = 16 takes float32)."""
     cfg = dict(BLOCK_M=16, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=stages, PAIRS=pairs)
     run_case(1, 40, 1536, g, device, rel_err, config=cfg, seed=block_k + split_k)
     run_case(1, 24, 1536, g, device, rel_err, config=cfg, float_min=True, seed=g)
