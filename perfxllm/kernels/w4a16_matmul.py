@@ -15,11 +15,11 @@ as a kernel argument, `one_bits`: with two immediates ptxas would need a second 
 
 Two kernels, picked by N (tokens):
     N = 1   GEMV on the CUDA cores: a tile of BLOCK_M rows by part of a group, one group or several per
-            iteration; the products are summed per word in registers and scaled per group, and the sum
-            across K happens once, after the loop. Split along K with fp32 atomics when there are too few
-            row tiles. For fp16 x the products are fp16x2 in PTX (_QUAD_DOT_PTX: two nibbles per LOP3, two
-            products per HFMA2, one chain over a thread's four words); for bf16 x, and under the
-            interpreter, float32.
+            iteration; the products are summed in registers per word (fp16 pairs: per four words, a
+            thread's 16-byte load) and scaled per group, and the sum across K happens once, after the loop.
+            Split along K with fp32 atomics when there are too few row tiles. For fp16 x the products are
+            fp16x2 in PTX (_QUAD_DOT_PTX: two nibbles per LOP3, two products per HFMA2, one chain over the
+            four words); for bf16 x, and under the interpreter, float32.
     N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
             small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
