@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from perfxllm.bench import copy_gbps
-from perfxllm.bench.kernels import GEMV_SHAPES, _bench, _random_int4, _rel_err, _rotating
+from perfxllm.bench.kernels import GEMV_SHAPES, _bench, _random_int4, _rel_err, _w4_rotating
 from perfxllm.kernels import w4a16_matmul as w4
 from perfxllm.kernels._common import num_sms
 
@@ -58,10 +58,7 @@ def ab_shape(m: int, k: int, sms: int, variants: dict[str, tuple[ModuleType, tor
     p = w4.prepack(w)  # the packed layout is the same in both modules
     ref_w = w.dequantize(torch.float32)
     x = torch.randn(1, k, device="cuda").half()
-    wbytes = m * k // 2 + 2 * 2 * m * k // 128
-    rot = _rotating(
-        lambda: (w4.prepack(_random_int4(m, k, 128, "cuda")), torch.randn(m, k, device="cuda").half()), wbytes
-    )
+    rot, wbytes = _w4_rotating(m, k)
     row = dict(M=m, K=k, N=1, cublas_us=round(_bench(rot(lambda _, d: F.linear(x, d))), 2))
     print(f"M={m} K={k}: cuBLAS fp16 {row['cublas_us']} us", flush=True)
     for tag, (mod, dtype, wide) in variants.items():

@@ -58,6 +58,18 @@ def _random_int4(m: int, k: int, g: int, device: str) -> object:
     return Int4Weight(pack_int4(wq), scales, pack_int4(zeros), g)
 
 
+def _w4_rotating(m: int, k: int) -> tuple[Callable[[Callable], Callable[[], object]], int]:
+    """_rotating over (packed int4 g128 weight, fp16 weight) pairs of one shape, and the int4 weight's bytes
+    (nibbles, fp16 scales and biases)."""
+    from perfxllm.kernels import w4a16_matmul as w4
+
+    def make() -> tuple:
+        return w4.prepack(_random_int4(m, k, 128, "cuda")), torch.randn(m, k, device="cuda").half()
+
+    nbytes = m * k // 2 + 2 * 2 * m * k // 128
+    return _rotating(make, nbytes), nbytes
+
+
 class Runner:
     def __init__(self, copy_gbps: float) -> None:
         self.rows: list[dict] = []
@@ -103,12 +115,8 @@ def bench_w4(r: Runner) -> None:
         r.check(f"w4a16 g{g} N=3", w4.w4a16_matmul(x, w4.prepack(w)), x.float() @ w.dequantize().t(), 3e-3)
 
     def time_w4(m: int, k: int, n: int, op: str, baseline: bool) -> None:
-        def make() -> tuple:
-            return w4.prepack(_random_int4(m, k, 128, "cuda")), torch.randn(m, k, device="cuda").half()
-
         x = torch.randn(n, k, device="cuda").half()
-        wbytes = m * k // 2 + 2 * 2 * m * k // 128
-        rot = _rotating(make, wbytes)
+        rot, wbytes = _w4_rotating(m, k)
         us = _bench(rot(lambda p, _: w4.w4a16_matmul(x, p)))
         base = _bench(rot(lambda _, d: F.linear(x, d))) if baseline else None
         r.row(op, m, k, n, us, base, wbytes + 2 * n * (k + m), 2.0 * m * n * k)
