@@ -1,17 +1,18 @@
 """A/B of the int4 GEMV (N = 1) on the GPU, one machine, one run: this tree's kernel against a baseline copy of
 the module (another commit's), each with K tiles of at most one group and of several groups, and optionally
-the float32 products (bf16's path). Each variant is tuned over its own module's candidates by the library's
-tuner, then timed on rotating weight copies beside cuBLAS fp16, and checked against the float32 reference,
-also with activations of a few hundred.
+the float32 products (bf16's path) and this tree's kernel without programmatic dependent launch. Each variant
+is tuned over its own module's candidates by the library's tuner, then timed on rotating weight copies beside
+cuBLAS fp16, and checked against the float32 reference, also with activations of a few hundred.
 
     git show REV:perfxllm/kernels/w4a16_matmul.py > /tmp/w4_base.py
-    PYTHONPATH=. python scripts/ab_w4_gemv.py OUT.json [--baseline /tmp/w4_base.py] [--f32]
+    PYTHONPATH=. python scripts/ab_w4_gemv.py OUT.json [--baseline /tmp/w4_base.py] [--f32] [--no-pdl]
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -35,6 +36,12 @@ def load_module(path: str) -> ModuleType:
     return module
 
 
+def gemv_configs(mod: ModuleType, m: int, k: int, sms: int, dtype: torch.dtype) -> list[dict]:
+    if "pdl" in inspect.signature(mod._gemv_configs).parameters:  # not in a baseline from before PDL
+        return mod._gemv_configs(m, k, 128, sms, dtype, mod.pdl_enabled(torch.device("cuda")))
+    return mod._gemv_configs(m, k, 128, sms, dtype)
+
+
 def variant(
     mod: ModuleType, p, ref_w: torch.Tensor, x: torch.Tensor, cands: list[dict], key: str, rot
 ) -> dict:
@@ -52,7 +59,9 @@ def variant(
     return dict(us=round(us, 2), rel_err=errs, config=cfg)
 
 
-def ab_shape(m: int, k: int, sms: int, variants: dict[str, tuple[ModuleType, torch.dtype, bool]]) -> dict:
+def ab_shape(
+    m: int, k: int, sms: int, variants: dict[str, tuple[ModuleType, torch.dtype, bool, bool]]
+) -> dict:
     t0 = time.time()
     w = _random_int4(m, k, 128, "cuda")
     p = w4.prepack(w)  # the packed layout is the same in both modules
@@ -61,8 +70,9 @@ def ab_shape(m: int, k: int, sms: int, variants: dict[str, tuple[ModuleType, tor
     rot, wbytes = _w4_rotating(m, k)
     row = dict(M=m, K=k, N=1, cublas_us=round(_bench(rot(lambda _, d: F.linear(x, d))), 2))
     print(f"M={m} K={k}: cuBLAS fp16 {row['cublas_us']} us", flush=True)
-    for tag, (mod, dtype, wide) in variants.items():
-        cands = [c for c in mod._gemv_configs(m, k, 128, sms, dtype) if (c["BLOCK_K"] > 128) == wide]
+    for tag, (mod, dtype, wide, pdl) in variants.items():
+        os.environ["PERFXLLM_PDL"] = "1" if pdl else "0"
+        cands = [c for c in gemv_configs(mod, m, k, sms, dtype) if (c["BLOCK_K"] > 128) == wide]
         v = row[tag] = variant(mod, p, ref_w, x, cands, f"ab:{m}:{k}:{tag}", rot)
         v["gbps"] = round(wbytes / v["us"] / 1e3, 1)
         print(
@@ -78,12 +88,15 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--baseline", help="a copy of perfxllm/kernels/w4a16_matmul.py to compare against")
     ap.add_argument("--f32", action="store_true", help="also the float32 products (the list of bf16 x)")
+    ap.add_argument("--no-pdl", action="store_true", help="also this tree's kernel without PDL")
     args = ap.parse_args()
-    modules = {"": w4} | ({"base_": load_module(args.baseline)} if args.baseline else {})
+    modules = {"": (w4, True)}
+    modules |= {"nopdl_": (w4, False)} if args.no_pdl else {}
+    modules |= {"base_": (load_module(args.baseline), False)} if args.baseline else {}
     dtypes = {"pairs": torch.float16} | ({"f32": torch.bfloat16} if args.f32 else {})  # bf16's list: no pairs
     variants = {
-        f"{prefix}{name}{'_wide' if wide else ''}": (mod, dtype, wide)
-        for prefix, mod in modules.items()
+        f"{prefix}{name}{'_wide' if wide else ''}": (mod, dtype, wide, pdl)
+        for prefix, (mod, pdl) in modules.items()
         for name, dtype in dtypes.items()
         for wide in (False, True)
     }

@@ -229,6 +229,8 @@ def hf_baseline(preset: str, prompt_len: int, gen_len: int) -> dict:
 def run_gpu(args: argparse.Namespace) -> dict:
     import triton
 
+    from perfxllm.kernels.pdl import pdl_enabled
+
     device = torch.device("cuda")
     copy = copy_gbps(device)
     print(f"copy bandwidth {copy:.0f} GB/s", flush=True)
@@ -247,6 +249,7 @@ def run_gpu(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_gbps": round(copy, 1),
+        "pdl": pdl_enabled(device),
         "command": args.command_line,
         "rows": rows,
     }

@@ -318,6 +318,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         raise PerfxError("perfxllm bench kernels needs a CUDA GPU")
     import triton
 
+    from perfxllm.kernels.pdl import pdl_enabled
+
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name(0)
     gpu = next((g for g in ("h100", "h200", "a100", "l40s", "4090") if g in name.lower()), "gpu")
@@ -345,6 +347,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         triton=triton.__version__,
         command=command,
         copy_gbps=round(copy, 1),
+        pdl=pdl_enabled(torch.device("cuda")),
         checks=[dict(name=n, rel_err=e, tol=t, ok=e < t) for n, e, t in r.checks],
         rows=r.rows,
     )

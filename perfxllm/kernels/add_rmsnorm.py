@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_last_dim_contiguous, check_tensor
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 16384
@@ -36,10 +37,12 @@ def _add_rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < H
+    wait_for_inputs(PDL)
     h = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0)
@@ -73,6 +76,7 @@ def add_rmsnorm(
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(hidden)
+        pdl = pdl_enabled(x.device)
         _add_rmsnorm_kernel[(rows,)](
             x2,
             r2,
@@ -87,7 +91,9 @@ def add_rmsnorm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            PDL=pdl,
             num_warps=min(16, max(1, block // 256)),
+            launch_pdl=pdl,
         )
     if residual is None:
         return out.view(x.shape)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_tensor, interpreting, num_sms
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 from perfxllm.kernels.rope_attention_prefill import LOG2E, check_heads
 
 
@@ -44,10 +45,12 @@ def _decode_partial_kernel(
     PART: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
+    wait_for_inputs(PDL)
     ctx = tl.load(ctx_ptr + b)
     start = part * PART
     if start < ctx:
@@ -97,9 +100,11 @@ def _decode_reduce_kernel(
     D: tl.constexpr,
     PART: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    wait_for_inputs(PDL)
     used = tl.cdiv(tl.load(ctx_ptr + b), PART)
     if used > 0:  # an empty context is a row to leave alone (a graph's padding, a prompt chunk's row)
         offs_p = tl.arange(0, BLOCK_P)
@@ -158,6 +163,7 @@ def paged_decode_attention(
     o_part = torch.empty(batch, hq, num_parts, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, hq, num_parts, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    pdl = pdl_enabled(q.device)
     _decode_partial_kernel[(batch, hkv, num_parts)](
         q,
         k_cache,
@@ -178,8 +184,10 @@ def paged_decode_attention(
         PART=partition_size,
         BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=block_n,
+        PDL=pdl,
         num_warps=4,
         num_stages=1 if interpreting() else 3,
+        launch_pdl=pdl,
     )
     _decode_reduce_kernel[(batch, hq)](
         o_part,
@@ -191,7 +199,9 @@ def paged_decode_attention(
         D=d,
         PART=partition_size,
         BLOCK_P=triton.next_power_of_2(num_parts),
+        PDL=pdl,
         num_warps=4,
+        launch_pdl=pdl,
     )
     return out
 

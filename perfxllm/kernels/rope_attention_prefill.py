@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_tensor, interpreting
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 from perfxllm.kernels.rope_cache_write import rope_cache_write
 
 LOG2E = 1.4426950408889634
@@ -50,9 +51,11 @@ def _prefill_attention_kernel(
     BS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
+    wait_for_inputs(PDL)
     b = tl.load(tiles_ptr + 2 * tile)
     if b >= 0:
         q0 = tl.load(tiles_ptr + 2 * tile + 1)
@@ -158,6 +161,7 @@ def prefill_attention(
         return out
     block_n, warps = (16, 4) if interpreting() else (64, 4)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    pdl = pdl_enabled(q_rot.device)
     _prefill_attention_kernel[(tiles.shape[0], hq)](
         q_rot,
         k_cache,
@@ -175,8 +179,10 @@ def prefill_attention(
         BS=block_size,
         BLOCK_Q=block_q(),
         BLOCK_N=block_n,
+        PDL=pdl,
         num_warps=warps,
         num_stages=1 if interpreting() else 3,
+        launch_pdl=pdl,
     )
     return out
 

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, check_last_dim_contiguous, check_tensor
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 
 
 @triton.jit
@@ -58,9 +59,11 @@ def _rope_cache_write_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
+    wait_for_inputs(PDL)
     pos = tl.load(pos_ptr + t)
     cos = tl.load(cs_ptr + pos * (2 * HALF) + offs_d, mask=offs_d < HALF, other=0)
     sin = tl.load(cs_ptr + pos * (2 * HALF) + HALF + offs_d, mask=offs_d < HALF, other=0)
@@ -124,6 +127,7 @@ def rope_cache_write(
         )
     q_rot = torch.empty(t, hq, d, device=q.device, dtype=q.dtype)
     if t:
+        pdl = pdl_enabled(q.device)
         _rope_cache_write_kernel[(t,)](
             q,
             k,
@@ -146,7 +150,9 @@ def rope_cache_write(
             BLOCK_HQ=triton.next_power_of_2(hq),
             BLOCK_HKV=triton.next_power_of_2(hkv),
             BLOCK_D=triton.next_power_of_2(d // 2),
+            PDL=pdl,
             num_warps=4,
+            launch_pdl=pdl,
         )
     return q_rot
 

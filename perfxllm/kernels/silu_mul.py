@@ -11,15 +11,17 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_last_dim_contiguous, check_tensor
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, inter, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inter
+    wait_for_inputs(PDL)
     gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + offs, mask=mask, other=0).to(tl.float32)
     y = gate / (1.0 + tl.exp(-gate)) * up
@@ -41,8 +43,9 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     )
     rows = x2.shape[0]
     if rows and inter:
+        pdl = pdl_enabled(x.device)
         _silu_mul_kernel[(rows, triton.cdiv(inter, BLOCK))](
-            x2, out, inter, x2.stride(0), inter, BLOCK=BLOCK, num_warps=4
+            x2, out, inter, x2.stride(0), inter, BLOCK=BLOCK, PDL=pdl, num_warps=4, launch_pdl=pdl
         )
     return out
 

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
+from perfxllm.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_inputs
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
@@ -330,6 +331,8 @@ def _w4_gemv_kernel(
     STAGES: tl.constexpr,  # weight tiles in flight (cp.async into shared memory); 1: plain loads
     PAIRS: tl.constexpr,  # fp16 x: products in fp16 pairs (_quads_dot_x_pairs); else float32 (_words_dot_x)
     ASM: tl.constexpr,  # the pairs in PTX (not under the interpreter)
+    PREFETCH: tl.constexpr,  # with PDL: K tiles a program prefetches into L2 before its inputs are ready
+    PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -341,6 +344,12 @@ def _w4_gemv_kernel(
     mask_m = offs_m < M
     offs_w = tl.arange(0, W)
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
+    if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
+        rows = qw_ptr + _load_rows(offs_m, M)[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
+        for it in range(it_start, tl.minimum(it_start + PREFETCH, it_end)):
+            for piece in tl.static_range(GROUPS):
+                prefetch_l2(rows + it * (BLOCK_K // 8) + piece * W)
+    wait_for_inputs(PDL)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
     ACC_W: tl.constexpr = W // 4 if PAIRS else W  # PAIRS: one sum per four words
@@ -387,6 +396,7 @@ def _w4_gemv_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """_w4_gemv_kernel for a few rows of x (N <= BLOCK_N): each weight tile is unpacked once for all of them,
     and the products are [BLOCK_N, BLOCK_M, W] tensors on the CUDA cores."""
@@ -402,6 +412,7 @@ def _w4_gemv_rows_kernel(
     x_words = x_ptr + x_row[:, None, None] * stride_xn + tl.arange(0, W)[None, None, :] * 8  # [BLOCK_N, 1, W]
 
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
+    wait_for_inputs(PDL)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
@@ -444,6 +455,7 @@ def _w4_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fastest: the row tiles of x that share a weight tile run together
     pid_m = tl.program_id(1)
@@ -456,6 +468,7 @@ def _w4_gemm_kernel(
     mask_n = offs_n < N
 
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
+    wait_for_inputs(PDL)
 
     rows = _load_rows(offs_m, M)
     w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, BLOCK_K // 8)[None, :]
@@ -492,8 +505,10 @@ def _w4_dequant_kernel(
     G: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Rows row0 + [0, rows) of W, dequantized into out [rows, K]."""
+    wait_for_inputs(PDL)  # out is the scratch the previous matmul read
     offs_r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_m = row0 + offs_r
     mask_m = offs_m < M
@@ -525,6 +540,7 @@ def _launch_dequant_matmul(
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     rows = min(m, SCRATCH_BYTES // (2 * k) // bm * bm)
     dest = out if out is not None else x.new_empty(n, m)
+    pdl = pdl_enabled(x.device)
     for row0 in range(0, m, rows):
         w_rows = _scratch[key][: min(rows, m - row0) * k].view(-1, k)
         grid = (triton.cdiv(w_rows.shape[0], bm), k // bk)
@@ -540,6 +556,8 @@ def _launch_dequant_matmul(
             G=w.group_size,
             BLOCK_M=bm,
             BLOCK_K=bk,
+            PDL=pdl,
+            launch_pdl=pdl,
         )
         # a column slice of dest: cuBLAS writes it in place (leading dimension m), no temporary and no copy
         torch.mm(x, w_rows.t(), out=dest[:, row0 : row0 + w_rows.shape[0]])
@@ -620,17 +638,19 @@ _GEMV_WIDE_TILES = (
 )
 
 
-def _gemv_configs(m: int, k: int, g: int, sms: int, dtype: torch.dtype) -> list[dict]:
+def _gemv_configs(m: int, k: int, g: int, sms: int, dtype: torch.dtype, pdl: bool) -> list[dict]:
+    """pdl: also try a program prefetching all its K tiles into L2 while the previous kernel runs (one
+    pipeline stage: the tuner's pick on most shapes), not only its first."""
     pairs = dtype == torch.float16  # products in fp16 pairs: 15-30% faster on an H200 (kernels-notes, v8)
     if interpreting():
         return [dict(BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1, PAIRS=pairs)]
     tiles = sorted({(bm, min(bk, g), w) for bm, bk, w in _GEMV_TILES})
     tiles += [(bm, groups * g, w) for bm, groups, w in _GEMV_WIDE_TILES if k % (groups * g) == 0]
     return [
-        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st, PAIRS=pairs)
+        dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st, PAIRS=pairs, PREFETCH=pf)
         for bm, bk, w in tiles
         for sk in _splits(triton.cdiv(m, bm), k // bk, sms, m, deep=True)
-        for st in (1, 2, 4)
+        for st, pf in [(1, 1), (2, 1), (4, 1)] + ([(1, k // bk)] if pdl else [])
     ]
 
 
@@ -691,6 +711,7 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     dest = out if out is not None else x.new_empty(1, m)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
     ws, counts = _split_workspace(x.device, m, grid[0] if split > 1 else 0)
+    pdl = pdl_enabled(x.device)
     _w4_gemv_kernel[grid](
         x,
         w.qweight,
@@ -709,7 +730,10 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         STAGES=cfg["num_stages"],
         PAIRS=_pairs(x, cfg),
         ASM=not interpreting(),
+        PREFETCH=cfg.get("PREFETCH", 1),
+        PDL=pdl,
         num_warps=cfg["num_warps"],
+        launch_pdl=pdl,
     )
     return dest
 
@@ -726,6 +750,7 @@ def _launch_gemv_rows(
     dest = out if out is not None else x.new_empty(n, m)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
     ws, counts = _split_workspace(x.device, n * m, grid[0] if split > 1 else 0)
+    pdl = pdl_enabled(x.device)
     _w4_gemv_rows_kernel[grid](
         x,
         w.qweight,
@@ -746,7 +771,9 @@ def _launch_gemv_rows(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
         STAGES=cfg["num_stages"],
+        PDL=pdl,
         num_warps=cfg["num_warps"],
+        launch_pdl=pdl,
     )
     return dest
 
@@ -758,6 +785,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     dest = out if out is not None else x.new_empty(n, m)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_K"])
     ws, counts = _split_workspace(x.device, n * m, grid[0] * grid[1] if cfg["SPLIT_K"] > 1 else 0)
+    pdl = pdl_enabled(x.device)
     _w4_gemm_kernel[grid](
         x,
         w.qweight,
@@ -773,6 +801,8 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         dest.stride(0),
         ONE_BITS,
         G=w.group_size,
+        PDL=pdl,
+        launch_pdl=pdl,
         **cfg,
     )
     return dest
@@ -816,7 +846,7 @@ def w4a16_matmul(
         config = _tuner.pick(
             key,
             lambda: (
-                _gemv_configs(m, k, g, sms, x.dtype)
+                _gemv_configs(m, k, g, sms, x.dtype, pdl_enabled(x.device))
                 if n == 1
                 else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
             ),

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
+from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
 from perfxllm.quant.formats import Int8Weight, int8_format_name
 
 
@@ -62,10 +63,12 @@ def _w8a16_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     dtype = x_ptr.dtype.element_ty
+    wait_for_inputs(PDL)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -140,11 +143,24 @@ def w8a16_matmul(x: torch.Tensor, w: W8Packed, out: torch.Tensor | None = None) 
     if n == 0:
         return out
     o2 = out.view(n, m)
+    pdl = pdl_enabled(x.device)
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
         _w8a16_kernel[grid](
-            x2, w.qweight, w.scales, o2, n, m, k, x2.stride(0), o2.stride(0), G=w.group_size or 0, **cfg
+            x2,
+            w.qweight,
+            w.scales,
+            o2,
+            n,
+            m,
+            k,
+            x2.stride(0),
+            o2.stride(0),
+            G=w.group_size or 0,
+            PDL=pdl,
+            launch_pdl=pdl,
+            **cfg,
         )
 
     bucket = n if n <= 16 else min(triton.next_power_of_2(n), 4096)

@@ -1,0 +1,56 @@
+"""Programmatic dependent launch (Hopper and later): a kernel's programs start while the kernel before it
+finishes, so a decode step of some 300 small kernels stops paying a launch and a ramp-up at each one.
+
+Every Triton kernel here takes a `PDL` constexpr and calls `wait_for_inputs(PDL)` before it reads anything
+another kernel wrote and before it writes anything; launched with `launch_pdl=True`, its programs may run
+ahead of that call only on data no kernel writes (the GEMV prefetches its weights). The wait returns once the
+previous kernel has completed and its writes are visible, and only then lets the next kernel launch: at most
+two kernels overlap, and every kernel two or more back has completed.
+
+PERFXLLM_PDL=0 turns it off (A/B runs); it is off under the interpreter and before sm_90.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from perfxllm.kernels._common import interpreting
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or interpreting() or os.environ.get("PERFXLLM_PDL", "1") == "0":
+        return False
+    return _sm90_or_later(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm90_or_later(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Start reading the memory at ptrs into L2, holding no registers and waiting for nothing: one
+    `prefetch.global.L2` (a 128-byte line) for each four pointers a thread holds in a row (a 16-byte load's
+    worth of int32 words). For the time before wait_for_inputs returns."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$4]; // dummy $0 $1 $2 $3 $5 $6 $7",
+        "=r,=r,=r,=r,l,l,l,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=4,
+    )
