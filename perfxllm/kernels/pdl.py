@@ -43,14 +43,8 @@ def wait_for_inputs(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs):
-    """Start reading the memory at ptrs into L2, holding no registers and waiting for nothing: one
-    `prefetch.global.L2` (a 128-byte line) for each four pointers a thread holds in a row (a 16-byte load's
-    worth of int32 words). For the time before wait_for_inputs returns."""
+    """Start reading the 128-byte line that holds each pointer into L2, holding no registers and waiting for
+    nothing (`prefetch.global.L2`). For the time before wait_for_inputs returns."""
     tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$4]; // dummy $0 $1 $2 $3 $5 $6 $7",
-        "=r,=r,=r,=r,l,l,l,l",
-        [ptrs],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=4,
+        "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
     )
