@@ -131,29 +131,23 @@ def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
 
 
 @triton.jit
+def _load_f16_in_layout(ptrs):
+    """fp16 at ptrs, one 2-byte load each in PTX: the result keeps the layout the pointers have."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.float16, is_pure=True, pack=1
+    )
+
+
+@triton.jit
 def _rows_scale_bias(s_ptr, b_ptr, group, M, offs_m, ASM: tl.constexpr):
-    """_group_scale_bias for the GEMV, whose accumulator has its rows spread over the threads in its own
-    way. ASM: one 2-byte load per row in PTX, which keeps the layout its pointers have (a tl.load of a vector
-    of rows is given a coalesced layout of its own and then converted, through shared memory with four
-    barriers an iteration). Rows past M read the last row (their sums are never stored)."""
+    """_group_scale_bias for the GEMV, whose accumulator spreads its rows over the threads in its own way.
+    ASM: loaded in that layout (_load_f16_in_layout); a tl.load of a vector of rows is given a coalesced
+    layout of its own and then converted, through shared memory with four barriers an iteration. Rows past M
+    read the last row (their sums are never stored)."""
     if ASM:
         rows = _load_rows(offs_m, M)
-        s = tl.inline_asm_elementwise(
-            "ld.global.nc.b16 $0, [$1];",
-            "=h,l",
-            [s_ptr + group * M + rows],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=1,
-        )
-        b = tl.inline_asm_elementwise(
-            "ld.global.nc.b16 $0, [$1];",
-            "=h,l",
-            [b_ptr + group * M + rows],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=1,
-        )
+        s = _load_f16_in_layout(s_ptr + group * M + rows)
+        b = _load_f16_in_layout(b_ptr + group * M + rows)
         return s.to(tl.float32), b.to(tl.float32)
     else:
         return _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, offs_m < M)
