@@ -43,8 +43,16 @@ def wait_for_inputs(PDL: tl.constexpr):
 
 @triton.jit
 def prefetch_l2(ptrs):
-    """Start reading the 128-byte line that holds each pointer into L2, holding no registers and waiting for
-    nothing (`prefetch.global.L2`). For the time before wait_for_inputs returns."""
+    """Start reading memory at ptrs into L2, holding no registers and waiting for nothing: one
+    `prefetch.global.L2` (the 128-byte line of one pointer) for each four pointers a thread holds, in the
+    order of its registers. Which pointers those are follows the layout Triton gives ptrs: for the GEMV's
+    [rows, words] tiles (one element a thread a row, rows further apart than words) it is the line of every
+    fourth row (kernels-notes, v10). For the time before wait_for_inputs returns."""
     tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        "prefetch.global.L2 [$4]; // dummy $0 $1 $2 $3 $5 $6 $7",
+        "=r,=r,=r,=r,l,l,l,l",
+        [ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=4,
     )

@@ -131,29 +131,6 @@ def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
 
 
 @triton.jit
-def _load_f16_in_layout(ptrs):
-    """fp16 at ptrs, one 2-byte load each in PTX: the result keeps the layout the pointers have."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.b16 $0, [$1];", "=h,l", [ptrs], dtype=tl.float16, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _rows_scale_bias(s_ptr, b_ptr, group, M, offs_m, ASM: tl.constexpr):
-    """_group_scale_bias for the GEMV, whose accumulator spreads its rows over the threads in its own way.
-    ASM: loaded in that layout (_load_f16_in_layout); a tl.load of a vector of rows is given a coalesced
-    layout of its own and then converted, through shared memory with four barriers an iteration. Rows past M
-    read the last row (their sums are never stored)."""
-    if ASM:
-        rows = _load_rows(offs_m, M)
-        s = _load_f16_in_layout(s_ptr + group * M + rows)
-        b = _load_f16_in_layout(b_ptr + group * M + rows)
-        return s.to(tl.float32), b.to(tl.float32)
-    else:
-        return _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, offs_m < M)
-
-
-@triton.jit
 def _row_words(K):
     """Words per row of qweight: G (32, 64 or 128) divides K, so a multiple of 4 and rows start on 16 bytes
     (which lets the loads be 16 bytes wide)."""
@@ -290,24 +267,20 @@ def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
     """For int32 words q [R, W] and int32 pointers x_pairs [1, W] to each word's first pair of fp16 inputs (x
     4-byte aligned), per four consecutive words of a row ([R, W // 4]): the sum over their 32 channels of
     nibble * x / X_PAIR_SCALE, and ([1, W // 4]) the sum of x over them. ASM: in fp16x2 PTX (_QUAD_DOT_PTX);
-    else in float32 with the same pairing (the Triton interpreter runs no PTX). Both sums come from the same
-    sixteen [1, W // 4] pieces of x, which a thread holds for its own four words: no data crosses threads."""
+    else in float32 with the same pairing (the Triton interpreter runs no PTX)."""
     R: tl.constexpr = q.shape[0]
     W4: tl.constexpr = q.shape[1] // 4
     q0, q1, q2, q3 = _split4(tl.reshape(q, [R, W4, 2, 2]))
     pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [1, W, pair]
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(pairs, W4)
-    x_sum = _fp16_pair_sum(a0) + _fp16_pair_sum(a1) + _fp16_pair_sum(a2) + _fp16_pair_sum(a3)
-    x_sum += _fp16_pair_sum(b0) + _fp16_pair_sum(b1) + _fp16_pair_sum(b2) + _fp16_pair_sum(b3)
-    x_sum += _fp16_pair_sum(c0) + _fp16_pair_sum(c1) + _fp16_pair_sum(c2) + _fp16_pair_sum(c3)
-    x_sum += _fp16_pair_sum(d0) + _fp16_pair_sum(d1) + _fp16_pair_sum(d2) + _fp16_pair_sum(d3)
+    x_sum = tl.sum(tl.reshape(_fp16_pair_sum(pairs), [1, W4, 16]), axis=2)
     if ASM:
-        xs = [a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3]
-        operands = [q0, q1, q2, q3] + [_x_pair_scaled(x) for x in xs]
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(_x_pair_scaled(pairs), W4)
+        operands = [q0, q1, q2, q3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3]
         dot = tl.inline_asm_elementwise(
             _QUAD_DOT_PTX, "=f" + ",r" * 20, operands, dtype=tl.float32, is_pure=True, pack=1
         )
     else:
+        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(pairs, W4)
         dot = _word_dot_x_pairs(q0, a0, a1, a2, a3) + _word_dot_x_pairs(q1, b0, b1, b2, b3)
         dot += _word_dot_x_pairs(q2, c0, c1, c2, c3) + _word_dot_x_pairs(q3, d0, d1, d2, d3)
         dot = dot / X_PAIR_SCALE
@@ -372,30 +345,30 @@ def _w4_gemv_kernel(
     offs_w = tl.arange(0, W)
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
     if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
-        rows = qw_ptr + _load_rows(offs_m, M).to(tl.int64) * _row_words(K)
+        rows = qw_ptr + _load_rows(offs_m, M)[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
         for it in range(it_start, tl.minimum(it_start + PREFETCH, it_end)):
-            for line in tl.static_range(triton.cdiv(BLOCK_K // 2, 128)):  # a tile's 128-byte lines a row
-                prefetch_l2(rows + it * (BLOCK_K // 8) + line * 32)
+            for piece in tl.static_range(GROUPS):
+                prefetch_l2(rows + it * (BLOCK_K // 8) + piece * W)
     wait_for_inputs(PDL)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
     ACC_W: tl.constexpr = W // 4 if PAIRS else W  # PAIRS: one sum per four words
-    # sum of q x s + x b, summed across K after the loop: the scale and bias are used only broadcast over
-    # the acc's columns, so they load in its layout, and nothing crosses threads inside the loop
-    acc = tl.zeros([BLOCK_M, ACC_W], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, ACC_W], dtype=tl.float32)  # summed across K after the loop
+    acc_bias = tl.zeros([BLOCK_M], dtype=tl.float32)
     for it in tl.range(it_start, it_end, num_stages=STAGES):
         for piece in tl.static_range(GROUPS):
             k0 = it * BLOCK_K + piece * (8 * W)
             q = tl.load(w_ptrs + k0 // 8, mask=mask_m[:, None], other=0)
-            s, b = _rows_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, ASM)
+            s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
             if PAIRS:  # [BLOCK_M, W // 4], [1, W // 4]
                 x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + k0 // 2 + offs_w[None, :] * 4
                 q_dot_x, x_sum = _quads_dot_x_pairs(q, x_pairs, ASM)
             else:
                 q_dot_x, x_sum = _words_dot_x(q, x_ptr + k0 + offs_w[None, :] * 8, one_bits)
-            acc += q_dot_x * (s * (X_PAIR_SCALE if PAIRS else 1.0))[:, None] + x_sum * b[:, None]
+            acc += q_dot_x * s[:, None]
+            acc_bias += b * tl.sum(x_sum, axis=1)
 
-    out = tl.sum(acc, axis=1)
+    out = tl.sum(acc, axis=1) * (X_PAIR_SCALE if PAIRS else 1.0) + acc_bias
     if split_k == 1:
         tl.store(out_ptr + offs_m, out.to(out_ptr.dtype.element_ty), mask=mask_m)
     else:
