@@ -46,8 +46,8 @@ def prefetch_l2(ptrs):
     """Start reading memory at ptrs into L2, holding no registers and waiting for nothing: one
     `prefetch.global.L2` (the 128-byte line of one pointer) for each four pointers a thread holds, in the
     order of its registers. Which pointers those are follows the layout Triton gives ptrs: for the GEMV's
-    [rows, words] tiles (one element a thread a row, rows further apart than words) it is the line of every
-    fourth row (kernels-notes, v10). For the time before wait_for_inputs returns."""
+    512 x 128 tile (one element a thread a row) they lie in four rows, so a quarter of the rows' lines are
+    read (kernels-notes, v10). For the time before wait_for_inputs returns."""
     tl.inline_asm_elementwise(
         "prefetch.global.L2 [$4]; // dummy $0 $1 $2 $3 $5 $6 $7",
         "=r,=r,=r,=r,l,l,l,l",
