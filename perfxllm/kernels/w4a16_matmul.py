@@ -638,6 +638,12 @@ _GEMV_WIDE_TILES = (
 )
 
 
+def _no_taller_than(tiles: list[tuple[int, ...]], m: int) -> list[tuple[int, ...]]:
+    """Tiles (rows first) no taller than M rounded up to a power of two, else the shortest: a taller tile
+    adds only rows past M, and each tile shape the tuner tries costs a compile."""
+    return [t for t in tiles if t[0] <= triton.next_power_of_2(m)] or [min(tiles)]
+
+
 def _gemv_configs(m: int, k: int, g: int, sms: int, dtype: torch.dtype, pdl: bool) -> list[dict]:
     """pdl: also try a program prefetching all its K tiles into L2 while the previous kernel runs (one
     pipeline stage: the tuner's pick on most shapes), not only its first."""
@@ -646,6 +652,7 @@ def _gemv_configs(m: int, k: int, g: int, sms: int, dtype: torch.dtype, pdl: boo
         return [dict(BLOCK_M=16, BLOCK_K=min(64, g), SPLIT_K=2, num_warps=4, num_stages=1, PAIRS=pairs)]
     tiles = sorted({(bm, min(bk, g), w) for bm, bk, w in _GEMV_TILES})
     tiles += [(bm, groups * g, w) for bm, groups, w in _GEMV_WIDE_TILES if k % (groups * g) == 0]
+    tiles = _no_taller_than(tiles, m)
     return [
         dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st, PAIRS=pairs, PREFETCH=pf)
         for bm, bk, w in tiles
@@ -659,7 +666,7 @@ def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     the pipeline depth the GEMV's tuning picked for most shapes (each variant costs a compile at start-up)."""
     if n > GEMV_ROWS_MAX or interpreting():
         return []
-    tiles = sorted({(max(32, bm // n), min(bk, g), w) for bm, bk, w in _GEMV_TILES})
+    tiles = _no_taller_than(sorted({(max(32, bm // n), min(bk, g), w) for bm, bk, w in _GEMV_TILES}), m)
     return [
         dict(GEMV_ROWS=True, BLOCK_N=n, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=2)
         for bm, bk, w in tiles

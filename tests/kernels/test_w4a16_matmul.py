@@ -95,6 +95,20 @@ def assert_split_workspace_clean(device):
         assert not ws.any() and not counts.any()
 
 
+def test_tuner_skips_tiles_taller_than_the_matrix(monkeypatch):
+    """The GPU's candidate lists (built on the CPU here): no tile taller than M rounded up to a power of two,
+    else the shortest tile; a 7B shape keeps every tile."""
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    small = mod._gemv_configs(40, 512, 128, 132, torch.float16, True)
+    assert small and {c["BLOCK_M"] for c in small} <= {16, 32, 64}
+    no_wide_tile = mod._gemv_configs(40, 384, 128, 132, torch.float16, True)  # 384: no 2 or 4 whole groups
+    assert {c["BLOCK_M"] for c in no_wide_tile} == {128}
+    rows = mod._gemv_rows_configs(4, 40, 512, 128, 132)
+    assert rows and {c["BLOCK_M"] for c in rows} <= {32, 64}
+    big = mod._gemv_configs(12288, 4096, 128, 132, torch.float16, True)
+    assert {c["BLOCK_M"] for c in big} == {16, 32, 64, 128, 256, 512}
+
+
 def test_config_tiles_must_lie_within_a_group(device, rel_err):
     cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="BLOCK_K=64 must divide the group size 32"):
