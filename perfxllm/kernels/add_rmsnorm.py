@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_last_dim_contiguous, check_tensor
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HIDDEN = 16384
@@ -76,7 +76,6 @@ def add_rmsnorm(
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(hidden)
-        pdl = pdl_enabled(x.device)
         _add_rmsnorm_kernel[(rows,)](
             x2,
             r2,
@@ -91,9 +90,8 @@ def add_rmsnorm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
-            PDL=pdl,
             num_warps=min(16, max(1, block // 256)),
-            launch_pdl=pdl,
+            **pdl_launch_args(x.device),
         )
     if residual is None:
         return out.view(x.shape)

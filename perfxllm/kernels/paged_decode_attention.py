@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 from perfxllm.kernels.rope_attention_prefill import LOG2E, check_heads
 
 
@@ -163,7 +163,6 @@ def paged_decode_attention(
     o_part = torch.empty(batch, hq, num_parts, d, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, hq, num_parts, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    pdl = pdl_enabled(q.device)
     _decode_partial_kernel[(batch, hkv, num_parts)](
         q,
         k_cache,
@@ -184,10 +183,9 @@ def paged_decode_attention(
         PART=partition_size,
         BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=block_n,
-        PDL=pdl,
         num_warps=4,
         num_stages=1 if interpreting() else 3,
-        launch_pdl=pdl,
+        **pdl_launch_args(q.device),
     )
     _decode_reduce_kernel[(batch, hq)](
         o_part,
@@ -199,9 +197,8 @@ def paged_decode_attention(
         D=d,
         PART=partition_size,
         BLOCK_P=triton.next_power_of_2(num_parts),
-        PDL=pdl,
         num_warps=4,
-        launch_pdl=pdl,
+        **pdl_launch_args(q.device),
     )
     return out
 

@@ -29,6 +29,12 @@ def pdl_enabled(device: torch.device) -> bool:
     return _sm90_or_later(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def pdl_launch_args(device: torch.device) -> dict[str, bool]:
+    """A kernel's launch arguments for it: its PDL constexpr and Triton's launch_pdl, both on or both off."""
+    on = pdl_enabled(device)
+    return dict(PDL=on, launch_pdl=on)
+
+
 @functools.cache
 def _sm90_or_later(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_tensor, interpreting
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 from perfxllm.kernels.rope_cache_write import rope_cache_write
 
 LOG2E = 1.4426950408889634
@@ -161,7 +161,6 @@ def prefill_attention(
         return out
     block_n, warps = (16, 4) if interpreting() else (64, 4)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    pdl = pdl_enabled(q_rot.device)
     _prefill_attention_kernel[(tiles.shape[0], hq)](
         q_rot,
         k_cache,
@@ -179,10 +178,9 @@ def prefill_attention(
         BS=block_size,
         BLOCK_Q=block_q(),
         BLOCK_N=block_n,
-        PDL=pdl,
         num_warps=warps,
         num_stages=1 if interpreting() else 3,
-        launch_pdl=pdl,
+        **pdl_launch_args(q_rot.device),
     )
     return out
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, check_last_dim_contiguous, check_tensor
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 
 
 @triton.jit
@@ -127,7 +127,6 @@ def rope_cache_write(
         )
     q_rot = torch.empty(t, hq, d, device=q.device, dtype=q.dtype)
     if t:
-        pdl = pdl_enabled(q.device)
         _rope_cache_write_kernel[(t,)](
             q,
             k,
@@ -150,9 +149,8 @@ def rope_cache_write(
             BLOCK_HQ=triton.next_power_of_2(hq),
             BLOCK_HKV=triton.next_power_of_2(hkv),
             BLOCK_D=triton.next_power_of_2(d // 2),
-            PDL=pdl,
             num_warps=4,
-            launch_pdl=pdl,
+            **pdl_launch_args(q.device),
         )
     return q_rot
 

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_last_dim_contiguous, check_tensor
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 
 BLOCK = 1024
 
@@ -43,9 +43,8 @@ def silu_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     )
     rows = x2.shape[0]
     if rows and inter:
-        pdl = pdl_enabled(x.device)
         _silu_mul_kernel[(rows, triton.cdiv(inter, BLOCK))](
-            x2, out, inter, x2.stride(0), inter, BLOCK=BLOCK, PDL=pdl, num_warps=4, launch_pdl=pdl
+            x2, out, inter, x2.stride(0), inter, BLOCK=BLOCK, num_warps=4, **pdl_launch_args(x.device)
         )
     return out
 

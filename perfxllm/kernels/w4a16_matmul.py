@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_enabled, prefetch_l2, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait_for_inputs
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
@@ -540,7 +540,7 @@ def _launch_dequant_matmul(
     bm, bk = cfg["BLOCK_M"], cfg["BLOCK_K"]
     rows = min(m, SCRATCH_BYTES // (2 * k) // bm * bm)
     dest = out if out is not None else x.new_empty(n, m)
-    pdl = pdl_enabled(x.device)
+    pdl = pdl_launch_args(x.device)
     for row0 in range(0, m, rows):
         w_rows = _scratch[key][: min(rows, m - row0) * k].view(-1, k)
         grid = (triton.cdiv(w_rows.shape[0], bm), k // bk)
@@ -556,8 +556,7 @@ def _launch_dequant_matmul(
             G=w.group_size,
             BLOCK_M=bm,
             BLOCK_K=bk,
-            PDL=pdl,
-            launch_pdl=pdl,
+            **pdl,
         )
         # a column slice of dest: cuBLAS writes it in place (leading dimension m), no temporary and no copy
         torch.mm(x, w_rows.t(), out=dest[:, row0 : row0 + w_rows.shape[0]])
@@ -718,7 +717,6 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     dest = out if out is not None else x.new_empty(1, m)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
     ws, counts = _split_workspace(x.device, m, grid[0] if split > 1 else 0)
-    pdl = pdl_enabled(x.device)
     _w4_gemv_kernel[grid](
         x,
         w.qweight,
@@ -738,9 +736,8 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         PAIRS=_pairs(x, cfg),
         ASM=not interpreting(),
         PREFETCH=cfg.get("PREFETCH", 1),
-        PDL=pdl,
         num_warps=cfg["num_warps"],
-        launch_pdl=pdl,
+        **pdl_launch_args(x.device),
     )
     return dest
 
@@ -757,7 +754,6 @@ def _launch_gemv_rows(
     dest = out if out is not None else x.new_empty(n, m)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), split)
     ws, counts = _split_workspace(x.device, n * m, grid[0] if split > 1 else 0)
-    pdl = pdl_enabled(x.device)
     _w4_gemv_rows_kernel[grid](
         x,
         w.qweight,
@@ -778,9 +774,8 @@ def _launch_gemv_rows(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
         STAGES=cfg["num_stages"],
-        PDL=pdl,
         num_warps=cfg["num_warps"],
-        launch_pdl=pdl,
+        **pdl_launch_args(x.device),
     )
     return dest
 
@@ -792,7 +787,6 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     dest = out if out is not None else x.new_empty(n, m)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), cfg["SPLIT_K"])
     ws, counts = _split_workspace(x.device, n * m, grid[0] * grid[1] if cfg["SPLIT_K"] > 1 else 0)
-    pdl = pdl_enabled(x.device)
     _w4_gemm_kernel[grid](
         x,
         w.qweight,
@@ -808,8 +802,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         dest.stride(0),
         ONE_BITS,
         G=w.group_size,
-        PDL=pdl,
-        launch_pdl=pdl,
+        **pdl_launch_args(x.device),
         **cfg,
     )
     return dest

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_enabled, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 from perfxllm.quant.formats import Int8Weight, int8_format_name
 
 
@@ -143,7 +143,6 @@ def w8a16_matmul(x: torch.Tensor, w: W8Packed, out: torch.Tensor | None = None) 
     if n == 0:
         return out
     o2 = out.view(n, m)
-    pdl = pdl_enabled(x.device)
 
     def launch(cfg: dict) -> None:
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
@@ -158,8 +157,7 @@ def w8a16_matmul(x: torch.Tensor, w: W8Packed, out: torch.Tensor | None = None) 
             x2.stride(0),
             o2.stride(0),
             G=w.group_size or 0,
-            PDL=pdl,
-            launch_pdl=pdl,
+            **pdl_launch_args(x.device),
             **cfg,
         )
 

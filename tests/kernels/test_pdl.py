@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perfxllm.kernels.pdl import pdl_enabled
+from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args
 
 
 def test_off_where_it_cannot_run(monkeypatch):
     assert not pdl_enabled(torch.device("cpu"))
+    assert pdl_launch_args(torch.device("cpu")) == dict(PDL=False, launch_pdl=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pdl_enabled(torch.device("cuda"))
     monkeypatch.delenv("TRITON_INTERPRET")
