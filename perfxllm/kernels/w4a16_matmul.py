@@ -46,6 +46,9 @@ from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
+# The same as an immediate, for the tensor-core kernel: Triton keeps an MMA operand that is unpacked from
+# loaded words in registers only when every other input of the unpacking is a load or a constant.
+ONE_BITS_IMM = tl.constexpr(ONE_BITS)
 # Bit offset of input channel 8w + e within word w (see the module docstring).
 _NIBBLE_SHIFT = [8 * (2 * (e % 2) + (e // 2) % 2) + 4 * (e // 4) for e in range(8)]
 
@@ -101,12 +104,19 @@ def _nibble(t, mask: tl.constexpr, one_bits):
 
 
 @triton.jit
+def _scaled_nibbles(t, mask: tl.constexpr, unit: tl.constexpr, s, b, one_bits, dtype: tl.constexpr):
+    """q * s + b in dtype for the nibbles q of t under mask (_nibble: 0xF000 with unit 2048, 0xF0000 with 128)."""
+    return (_nibble(t, mask, one_bits) * (s * unit) + (b - s * unit)).to(dtype)
+
+
+@triton.jit
 def _dequantize_byte(q, j: tl.constexpr, s, b, one_bits, dtype: tl.constexpr):
     """Both nibbles of byte j of each word, q * s + b in dtype: [R, W, 2] (low, high)."""
     t = _byte_to_window(q, j)
-    lo = _nibble(t, 0xF000, one_bits) * (s * 2048.0) + (b - s * 2048.0)
-    hi = _nibble(t, 0xF0000, one_bits) * (s * 128.0) + (b - s * 128.0)
-    return tl.join(lo.to(dtype), hi.to(dtype))
+    return tl.join(
+        _scaled_nibbles(t, 0xF000, 2048.0, s, b, one_bits, dtype),
+        _scaled_nibbles(t, 0xF0000, 128.0, s, b, one_bits, dtype),
+    )
 
 
 @triton.jit
@@ -290,7 +300,7 @@ def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
 @triton.jit
 def _split_range(pid_k, num_splits, K, BLOCK_K: tl.constexpr):
     """The K tiles [start, end) of split pid_k."""
-    num_iters = K // BLOCK_K
+    num_iters = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(num_iters, num_splits)
     start = pid_k * per_split
     return start, tl.minimum(start + per_split, num_iters)
@@ -435,6 +445,20 @@ def _w4_gemv_rows_kernel(
         _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
 
 
+@triton.jit
+def _byte_dots(q, j: tl.constexpr, s, b, x_cols, in_k, acc):
+    """acc plus the products of byte j's nibbles of the words q [BLOCK_M, W] (q * s + b, in x's dtype) with
+    their channels' columns of x (x_cols [BLOCK_N, W]: pointers to channel 8 w of each row), on the tensor
+    cores. Byte j holds channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2."""
+    t = _byte_to_window(q, j)
+    e: tl.constexpr = 2 * (j % 2) + j // 2
+    x_lo = tl.load(x_cols + e, mask=in_k, other=0)
+    x_hi = tl.load(x_cols + e + 4, mask=in_k, other=0)
+    dtype = x_lo.dtype
+    acc = tl.dot(_scaled_nibbles(t, 0xF000, 2048.0, s, b, ONE_BITS_IMM, dtype), tl.trans(x_lo), acc)
+    return tl.dot(_scaled_nibbles(t, 0xF0000, 128.0, s, b, ONE_BITS_IMM, dtype), tl.trans(x_hi), acc)
+
+
 @triton.jit(do_not_specialize=["N"])
 def _w4_gemm_kernel(
     x_ptr,
@@ -449,7 +473,6 @@ def _w4_gemm_kernel(
     K,
     stride_xn,
     stride_on,
-    one_bits,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -457,30 +480,42 @@ def _w4_gemm_kernel(
     SPLIT_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    """acc [BLOCK_M, BLOCK_N] = W x^T on the tensor cores, eight products a K tile, one per nibble position:
+    the weights of channels 8 w + e (word w, e = 0..7) times x's columns 8 w + e. Each weight operand is made
+    from the words by elementwise operations alone, so Triton unpacks it in registers in the layout the MMA
+    reads; a dequantized [BLOCK_M, BLOCK_K] tile would go through shared memory first."""
     pid_n = tl.program_id(0)  # fastest: the row tiles of x that share a weight tile run together
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    dtype = x_ptr.dtype.element_ty
+    W: tl.constexpr = BLOCK_K // 8
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    offs_w = tl.arange(0, W)
 
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
     wait_for_inputs(PDL)
 
     rows = _load_rows(offs_m, M)
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, BLOCK_K // 8)[None, :]
-    x_ptrs = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
+    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
+    x_cols = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + 8 * offs_w[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
-        q = tl.load(w_ptrs + k0 // 8)
-        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
-        w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
-        x = tl.load(x_ptrs + k0)
-        acc = tl.dot(w, tl.trans(x), acc)
+        in_k = (k0 + 8 * offs_w < K)[None, :]  # a last tile may pass K: its words and x read as 0
+        q = tl.load(w_ptrs + k0 // 8, mask=in_k, other=0)
+        if BLOCK_K > G:  # a scale and bias per word
+            groups = (k0 + 8 * offs_w[None, :]) // G * M + rows[:, None]
+            s = tl.load(s_ptr + groups, mask=in_k, other=0).to(tl.float32)
+            b = tl.load(b_ptr + groups, mask=in_k, other=0).to(tl.float32)
+        else:
+            s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, rows, mask_m)
+            s = s[:, None]
+            b = b[:, None]
+        for j in tl.static_range(4):
+            acc = _byte_dots(q, j, s, b, x_cols + k0, in_k, acc)
 
     out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -588,11 +623,15 @@ def _split_workspace(device: torch.device, outputs: int, tiles: int) -> tuple[to
     return ws, counts
 
 
-def _check_config(w: W4Packed, cfg: dict, groups_per_tile: bool = False) -> None:
-    """The kernels take one group's scale per K tile: a tile must lie within a group. The GEMV also takes
-    tiles of several whole groups (groups_per_tile), which must divide K."""
+def _check_config(w: W4Packed, cfg: dict, tiles: str = "within") -> None:
+    """K tiles lie "within" a group (the GEMV over several rows, the dequantization kernel), or may also be
+    "whole" groups that divide K (the GEMV), or are "tensor" tiles: whole groups and at least 16 words a row,
+    the depth of the tensor-core products (a last tile past K is masked)."""
     bk, g, k = cfg["BLOCK_K"], w.group_size, w.shape[1]
-    if groups_per_tile and bk > g:
+    if tiles == "tensor":
+        if bk % g or bk < 128:
+            raise ValueError(f"BLOCK_K={bk} must be a multiple of the group size {g} and at least 128")
+    elif tiles == "whole" and bk > g:
         if bk % g or k % bk:
             raise ValueError(f"BLOCK_K={bk} must be a multiple of the group size {g} that divides K={k}")
     elif g % bk:
@@ -675,26 +714,19 @@ def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
 
 def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     if interpreting():
-        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
-    if n <= 16:
-        shapes = [(16, bm, bk, 4, st) for bm in (64, 128) for bk in sorted({min(64, g), g}) for st in (3, 5)]
+        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1)]
+    if n <= 16:  # (BLOCK_N, BLOCK_M, warps, stages)
+        shapes = [(16, bm, w, st) for bm, w in ((64, 4), (128, 4), (256, 8)) for st in (3, 5)]
     elif n <= 64:
-        shapes = [(bn, bm, bk, 4, 4) for bn in (32, 64) for bm in (64, 128) for bk in sorted({min(64, g), g})]
+        shapes = [(32, 64, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4), (64, 64, 4, 4), (64, 128, 8, 4)]
     else:
-        shapes = [
-            (64, 128, 64, 4, 4),
-            (128, 128, 64, 8, 3),
-            (128, 128, 128, 8, 3),
-            (256, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 256, 128, 8, 3),
-        ]
+        shapes = [(64, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3)]
     configs = [dict(DEQUANT=True, BLOCK_M=32, BLOCK_K=g)] if n >= 128 else []
-    for bn, bm, bk, w, st in sorted({(bn, bm, min(bk, g), w, st) for bn, bm, bk, w, st in shapes}):
+    for bn, bm, w, st in shapes:
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        splits = _splits(tiles, k // bk, sms, n * m) if n <= 64 else [1]
+        splits = _splits(tiles, triton.cdiv(k, 128), sms, n * m) if n <= 64 else [1]
         configs += [
-            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
+            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
         ]
     return configs
 
@@ -711,7 +743,7 @@ def _pairs(x: torch.Tensor, cfg: dict) -> bool:
 
 
 def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    _check_config(w, cfg, groups_per_tile=True)
+    _check_config(w, cfg, "whole")
     m, k = w.shape
     split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(1, m)
@@ -781,7 +813,7 @@ def _launch_gemv_rows(
 
 
 def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    _check_config(w, cfg)
+    _check_config(w, cfg, "tensor")
     n, k = x.shape
     m = w.shape[0]
     dest = out if out is not None else x.new_empty(n, m)
@@ -800,7 +832,6 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         k,
         x.stride(0),
         dest.stride(0),
-        ONE_BITS,
         G=w.group_size,
         **pdl_launch_args(x.device),
         **cfg,

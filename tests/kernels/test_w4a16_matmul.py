@@ -56,7 +56,8 @@ def test_float_minimum_zeros(device, rel_err):
 
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_split_k(split_k, device, rel_err):
-    cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    """Tiles of several groups (a scale per word) and a last tile past K (224 = 128 + 96)."""
+    cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg, seed=1)  # again, on the workspace left behind
     assert_split_workspace_clean(device)
@@ -82,7 +83,7 @@ def test_unsplit_launches_ignore_the_workspace_size(device, rel_err, monkeypatch
     monkeypatch.setattr(mod, "_split_ws", {})  # a workspace of that size, dropped after the test
     gemv = dict(BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
     run_case(1, 40, 128, 64, device, rel_err, config=gemv)
-    gemm = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1)
+    gemm = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1)
     run_case(3, 40, 128, 32, device, rel_err, config=gemm)
     with pytest.raises(ValueError, match="workspace"):
         run_case(3, 40, 128, 32, device, rel_err, config={**gemm, "SPLIT_K": 2})
@@ -111,8 +112,13 @@ def test_tuner_skips_tiles_taller_than_the_matrix(monkeypatch):
 
 def test_config_tiles_must_lie_within_a_group(device, rel_err):
     cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
-    with pytest.raises(ValueError, match="BLOCK_K=64 must divide the group size 32"):
+    with pytest.raises(
+        ValueError, match="BLOCK_K=64 must be a multiple of the group size 32 and at least 128"
+    ):
         run_case(2, 16, 128, 32, device, rel_err, config=cfg)
+    rows = dict(GEMV_ROWS=True, BLOCK_N=2, BLOCK_M=16, BLOCK_K=64, SPLIT_K=1, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="BLOCK_K=64 must divide the group size 32"):
+        run_case(2, 16, 128, 32, device, rel_err, config=rows)
     gemv = dict(BLOCK_M=16, BLOCK_K=96, SPLIT_K=1, num_warps=4, num_stages=1)  # the GEMV: whole groups
     with pytest.raises(ValueError, match="BLOCK_K=96 must be a multiple of the group size 32 that divides"):
         run_case(1, 16, 128, 32, device, rel_err, config=gemv)
@@ -124,7 +130,7 @@ def test_config_tiles_must_lie_within_a_group(device, rel_err):
 def test_tensor_cores_bfloat16(split_k, rel_err):
     w = random_int4(72, 384, 64, seed=9)
     x = torch.randn(5, 384, generator=torch.Generator().manual_seed(10)).bfloat16()
-    cfg = dict(BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=split_k, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_N=16, BLOCK_M=64, BLOCK_K=128, SPLIT_K=split_k, num_warps=4, num_stages=2)
     out = mod.w4a16_matmul(x.cuda(), mod.prepack(w.to("cuda")), config=cfg)
     assert out.dtype == torch.bfloat16
     assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < 1e-2
