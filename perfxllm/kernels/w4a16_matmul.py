@@ -445,18 +445,52 @@ def _w4_gemv_rows_kernel(
         _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
 
 
+# fp16x2 weights from byte j of two words (a pair of K neighbours in the MMA operand's layout): PRMT puts the
+# bytes side by side, one LOP3 each makes 1024 + q of the low nibbles and 1024 + 16 q of the high ones, a SUB
+# or an FMA by 1/16 leaves q exactly, and one FMA gives q * s + b rounded once. Operands: $0 and $1 the low
+# and high nibbles' weights, $2 $3 the words, $4 $5 the scale and bias pairs, $6 (and $7) the PRMT selector.
+_BYTE_PAIR_PTX = tl.constexpr(
+    "{ .reg .b32 t, lo, hi, k, r, o;"
+    " mov.b32 k, 0x64006400; mov.b32 r, 0x2C002C00; mov.b32 o, 0xD400D400;"
+    " prmt.b32 t, $2, $3, $6;"
+    " lop3.b32 lo, t, 0x000f000f, k, 0xea; lop3.b32 hi, t, 0x00f000f0, k, 0xea;"
+    " sub.f16x2 lo, lo, k; fma.rn.f16x2 hi, hi, r, o;"
+    " fma.rn.f16x2 $0, lo, $4, $5; fma.rn.f16x2 $1, hi, $4, $5; }"
+)
+
+
 @triton.jit
-def _byte_dots(q, j: tl.constexpr, s, b, x_cols, in_k, acc):
-    """acc plus the products of byte j's nibbles of the words q [BLOCK_M, W] (q * s + b, in x's dtype) with
-    their channels' columns of x (x_cols [BLOCK_N, W]: pointers to channel 8 w of each row), on the tensor
-    cores. Byte j holds channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2."""
-    t = _byte_to_window(q, j)
+def _byte_weights(q, j: tl.constexpr, s, b, ASM: tl.constexpr):
+    """The weights in byte j's nibbles of the words q [BLOCK_M, W], q * s + b (s and b in x's dtype,
+    broadcastable against q), for the low and the high nibbles: each a [BLOCK_M, W] tensor in s's dtype.
+    ASM: in fp16x2 PTX (_BYTE_PAIR_PTX, for fp16); else in float32 (bf16, and the interpreter)."""
+    if ASM:
+        select: tl.constexpr = j | j << 4 | (4 + j) << 8 | (4 + j) << 12  # byte j of each word: bytes 0, 2
+        return tl.inline_asm_elementwise(
+            _BYTE_PAIR_PTX,
+            "=r,=r,r,r,r,r,r,r",
+            [q, tl.broadcast_to(s, q.shape), tl.broadcast_to(b, q.shape), tl.full(q.shape, select, tl.int32)],
+            dtype=(tl.float16, tl.float16),
+            is_pure=True,
+            pack=2,
+        )
+    else:
+        t = _byte_to_window(q, j)
+        s32 = s.to(tl.float32)
+        b32 = b.to(tl.float32)
+        lo = _scaled_nibbles(t, 0xF000, 2048.0, s32, b32, ONE_BITS_IMM, s.dtype)
+        return lo, _scaled_nibbles(t, 0xF0000, 128.0, s32, b32, ONE_BITS_IMM, s.dtype)
+
+
+@triton.jit
+def _byte_dots(q, j: tl.constexpr, s, b, x_cols, in_k, acc, ASM: tl.constexpr):
+    """acc plus the products of byte j's weights in the words q (_byte_weights) with their channels' columns
+    of x (x_cols [BLOCK_N, W]: pointers to channel 8 w of each row), on the tensor cores. Byte j holds
+    channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2."""
+    w_lo, w_hi = _byte_weights(q, j, s, b, ASM)
     e: tl.constexpr = 2 * (j % 2) + j // 2
-    x_lo = tl.load(x_cols + e, mask=in_k, other=0)
-    x_hi = tl.load(x_cols + e + 4, mask=in_k, other=0)
-    dtype = x_lo.dtype
-    acc = tl.dot(_scaled_nibbles(t, 0xF000, 2048.0, s, b, ONE_BITS_IMM, dtype), tl.trans(x_lo), acc)
-    return tl.dot(_scaled_nibbles(t, 0xF0000, 128.0, s, b, ONE_BITS_IMM, dtype), tl.trans(x_hi), acc)
+    acc = tl.dot(w_lo, tl.trans(tl.load(x_cols + e, mask=in_k, other=0)), acc)
+    return tl.dot(w_hi, tl.trans(tl.load(x_cols + e + 4, mask=in_k, other=0)), acc)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -478,6 +512,7 @@ def _w4_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,  # the weights in fp16x2 PTX (fp16 x, not under the interpreter)
     PDL: tl.constexpr,
 ):
     """acc [BLOCK_M, BLOCK_N] = W x^T on the tensor cores, eight products a K tile, one per nibble position:
@@ -488,6 +523,7 @@ def _w4_gemm_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     W: tl.constexpr = BLOCK_K // 8
+    dtype = x_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
@@ -508,14 +544,13 @@ def _w4_gemm_kernel(
         q = tl.load(w_ptrs + k0 // 8, mask=in_k, other=0)
         if BLOCK_K > G:  # a scale and bias per word
             groups = (k0 + 8 * offs_w[None, :]) // G * M + rows[:, None]
-            s = tl.load(s_ptr + groups, mask=in_k, other=0).to(tl.float32)
-            b = tl.load(b_ptr + groups, mask=in_k, other=0).to(tl.float32)
-        else:
-            s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, rows, mask_m)
-            s = s[:, None]
-            b = b[:, None]
+            s = tl.load(s_ptr + groups, mask=in_k, other=0).to(dtype)
+            b = tl.load(b_ptr + groups, mask=in_k, other=0).to(dtype)
+        else:  # (loaded as vectors: as [BLOCK_M, 1] tiles they would stop Triton unpacking in the MMA's layout)
+            s = tl.load(s_ptr + k0 // G * M + rows).to(dtype)[:, None]
+            b = tl.load(b_ptr + k0 // G * M + rows).to(dtype)[:, None]
         for j in tl.static_range(4):
-            acc = _byte_dots(q, j, s, b, x_cols + k0, in_k, acc)
+            acc = _byte_dots(q, j, s, b, x_cols + k0, in_k, acc, ASM)
 
     out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -833,6 +868,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         x.stride(0),
         dest.stride(0),
         G=w.group_size,
+        ASM=x.dtype == torch.float16 and not interpreting(),
         **pdl_launch_args(x.device),
         **cfg,
     )

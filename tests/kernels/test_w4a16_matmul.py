@@ -238,3 +238,26 @@ def test_fp16_pairs_in_ptx(cfg, float_min, rel_err):
         out = mod.w4a16_matmul(x.cuda(), packed, config=cfg)
         assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < TOL
     assert_split_workspace_clean("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16x2 PTX runs on the GPU only")
+@pytest.mark.parametrize(
+    ("n", "block_n", "block_m", "warps", "split_k", "g"),
+    [(5, 16, 64, 4, 1, 128), (16, 16, 128, 4, 3, 128), (40, 32, 128, 8, 2, 64), (130, 128, 128, 8, 1, 32)],
+)
+@pytest.mark.parametrize("float_min", [False, True])
+def test_tensor_cores_fp16_weights_in_ptx(n, block_n, block_m, warps, split_k, g, float_min, rel_err):
+    """The tensor-core kernel's weights unpacked in fp16x2 PTX, in the MMA operand's layout: one group or
+    several a tile, a last tile past K (1024 + g), split K, and activations as large as Llama's outliers."""
+    k = 1024 + g
+    w = random_int4(200, k, g, float_min, seed=n)
+    packed = mod.prepack(w.to("cuda"))
+    cfg = dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=128, SPLIT_K=split_k, num_warps=warps, num_stages=3)
+    for scale in (1.0, 100.0):
+        x = torch.randn(n, k, generator=torch.Generator().manual_seed(n + 1)) * scale
+        x[:, 7] = 30000.0 if scale > 1 else x[:, 7]
+        x = x.half()
+        out = mod.w4a16_matmul(x.cuda(), packed, config=cfg)
+        assert rel_err(out, mod.w4a16_matmul_ref(x, w)) < TOL
+    assert_split_workspace_clean("cuda")
