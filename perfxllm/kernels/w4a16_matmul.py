@@ -22,8 +22,9 @@ Two kernels, picked by N (tokens):
             four words); for bf16 x, and under the interpreter, float32.
     N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
-            small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
-            dtype) and fed to tl.dot; split along K for small N.
+            small as 16), eight products a K tile of 128, one per nibble position: the weights of channels
+            8 w + e, unpacked from the words by elementwise operations only (fp16x2 PTX for fp16 x), stay in
+            registers in the MMA operand's layout; split along K for small N.
     N large the tuner may pick instead: dequantize W in slices into a fixed scratch buffer and multiply with
             cuBLAS (it wins where the tensor-core kernel's in-loop dequantization, repeated for every tile
             of x, costs more than writing W once in fp16).
@@ -483,14 +484,29 @@ def _byte_weights(q, j: tl.constexpr, s, b, ASM: tl.constexpr):
 
 
 @triton.jit
-def _byte_dots(q, j: tl.constexpr, s, b, x_cols, in_k, acc, ASM: tl.constexpr):
+def _byte_dots(q, j: tl.constexpr, s, b, x_lo, x_hi, acc, ASM: tl.constexpr):
     """acc plus the products of byte j's weights in the words q (_byte_weights) with their channels' columns
-    of x (x_cols [BLOCK_N, W]: pointers to channel 8 w of each row), on the tensor cores. Byte j holds
-    channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2."""
+    of x, x_lo and x_hi [BLOCK_N, W], on the tensor cores."""
     w_lo, w_hi = _byte_weights(q, j, s, b, ASM)
-    e: tl.constexpr = 2 * (j % 2) + j // 2
-    acc = tl.dot(w_lo, tl.trans(tl.load(x_cols + e, mask=in_k, other=0)), acc)
-    return tl.dot(w_hi, tl.trans(tl.load(x_cols + e + 4, mask=in_k, other=0)), acc)
+    acc = tl.dot(w_lo, tl.trans(x_lo), acc)
+    return tl.dot(w_hi, tl.trans(x_hi), acc)
+
+
+@triton.jit
+def _split8(x):
+    """x [R, 8 W] -> its eight [R, W] column sets: channels 8 w + e for e = 0..7."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1] // 8
+    even, odd = tl.split(tl.reshape(x, [R, W, 2, 2, 2]))  # channel e = 2 i + (e % 2), i = 0..3
+    x0, x2, x4, x6 = _split4(even)
+    x1, x3, x5, x7 = _split4(odd)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _x_tile(x_tile, k0, K, BLOCK_K: tl.constexpr):
+    """x's [BLOCK_N, BLOCK_K] tile at k0, zeros past K."""
+    return tl.load(x_tile + k0, mask=(k0 + tl.arange(0, BLOCK_K) < K)[None, :], other=0)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -536,10 +552,13 @@ def _w4_gemm_kernel(
 
     rows = _load_rows(offs_m, M)
     w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
-    x_cols = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + 8 * offs_w[None, :]
+    x_tile = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
+    x_next = _x_tile(x_tile, it_start * BLOCK_K, K, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
+        x = x_next  # x's tile is loaded an iteration ahead, in registers: Triton pipelines only the words
+        x_next = _x_tile(x_tile, k0 + BLOCK_K, K, BLOCK_K)
         in_k = (k0 + 8 * offs_w < K)[None, :]  # a last tile may pass K: its words and x read as 0
         q = tl.load(w_ptrs + k0 // 8, mask=in_k, other=0)
         if BLOCK_K > G:  # a scale and bias per word
@@ -549,8 +568,12 @@ def _w4_gemm_kernel(
         else:  # (loaded as vectors: as [BLOCK_M, 1] tiles they would stop Triton unpacking in the MMA's layout)
             s = tl.load(s_ptr + k0 // G * M + rows).to(dtype)[:, None]
             b = tl.load(b_ptr + k0 // G * M + rows).to(dtype)[:, None]
-        for j in tl.static_range(4):
-            acc = _byte_dots(q, j, s, b, x_cols + k0, in_k, acc, ASM)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
+        # byte j of a word holds channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2
+        acc = _byte_dots(q, 0, s, b, x0, x4, acc, ASM)
+        acc = _byte_dots(q, 1, s, b, x2, x6, acc, ASM)
+        acc = _byte_dots(q, 2, s, b, x1, x5, acc, ASM)
+        acc = _byte_dots(q, 3, s, b, x3, x7, acc, ASM)
 
     out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
