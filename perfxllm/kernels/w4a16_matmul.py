@@ -22,9 +22,8 @@ Two kernels, picked by N (tokens):
             four words); for bf16 x, and under the interpreter, float32.
     N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
-            small as 16), eight products a K tile of 128, one per nibble position: the weights of channels
-            8 w + e, unpacked from the words by elementwise operations only (fp16x2 PTX for fp16 x), stay in
-            registers in the MMA operand's layout; split along K for small N.
+            small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
+            dtype) and fed to tl.dot; split along K for small N.
     N large the tuner may pick instead: dequantize W in slices into a fixed scratch buffer and multiply with
             cuBLAS (it wins where the tensor-core kernel's in-loop dequantization, repeated for every tile
             of x, costs more than writing W once in fp16).
@@ -47,9 +46,6 @@ from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
-# The same as an immediate, for the tensor-core kernel: Triton keeps an MMA operand that is unpacked from
-# loaded words in registers only when every other input of the unpacking is a load or a constant.
-ONE_BITS_IMM = tl.constexpr(ONE_BITS)
 # Bit offset of input channel 8w + e within word w (see the module docstring).
 _NIBBLE_SHIFT = [8 * (2 * (e % 2) + (e // 2) % 2) + 4 * (e // 4) for e in range(8)]
 
@@ -105,19 +101,12 @@ def _nibble(t, mask: tl.constexpr, one_bits):
 
 
 @triton.jit
-def _scaled_nibbles(t, mask: tl.constexpr, unit: tl.constexpr, s, b, one_bits, dtype: tl.constexpr):
-    """q * s + b in dtype for the nibbles q of t under mask (_nibble: 0xF000 with unit 2048, 0xF0000 with 128)."""
-    return (_nibble(t, mask, one_bits) * (s * unit) + (b - s * unit)).to(dtype)
-
-
-@triton.jit
 def _dequantize_byte(q, j: tl.constexpr, s, b, one_bits, dtype: tl.constexpr):
     """Both nibbles of byte j of each word, q * s + b in dtype: [R, W, 2] (low, high)."""
     t = _byte_to_window(q, j)
-    return tl.join(
-        _scaled_nibbles(t, 0xF000, 2048.0, s, b, one_bits, dtype),
-        _scaled_nibbles(t, 0xF0000, 128.0, s, b, one_bits, dtype),
-    )
+    lo = _nibble(t, 0xF000, one_bits) * (s * 2048.0) + (b - s * 2048.0)
+    hi = _nibble(t, 0xF0000, one_bits) * (s * 128.0) + (b - s * 128.0)
+    return tl.join(lo.to(dtype), hi.to(dtype))
 
 
 @triton.jit
@@ -301,7 +290,7 @@ def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
 @triton.jit
 def _split_range(pid_k, num_splits, K, BLOCK_K: tl.constexpr):
     """The K tiles [start, end) of split pid_k."""
-    num_iters = tl.cdiv(K, BLOCK_K)
+    num_iters = K // BLOCK_K
     per_split = tl.cdiv(num_iters, num_splits)
     start = pid_k * per_split
     return start, tl.minimum(start + per_split, num_iters)
@@ -446,69 +435,6 @@ def _w4_gemv_rows_kernel(
         _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
 
 
-# fp16x2 weights from byte j of two words (a pair of K neighbours in the MMA operand's layout): PRMT puts the
-# bytes side by side, one LOP3 each makes 1024 + q of the low nibbles and 1024 + 16 q of the high ones, a SUB
-# or an FMA by 1/16 leaves q exactly, and one FMA gives q * s + b rounded once. Operands: $0 and $1 the low
-# and high nibbles' weights, $2 $3 the words, $4 $5 the scale and bias pairs, $6 (and $7) the PRMT selector.
-_BYTE_PAIR_PTX = tl.constexpr(
-    "{ .reg .b32 t, lo, hi, k, r, o;"
-    " mov.b32 k, 0x64006400; mov.b32 r, 0x2C002C00; mov.b32 o, 0xD400D400;"
-    " prmt.b32 t, $2, $3, $6;"
-    " lop3.b32 lo, t, 0x000f000f, k, 0xea; lop3.b32 hi, t, 0x00f000f0, k, 0xea;"
-    " sub.f16x2 lo, lo, k; fma.rn.f16x2 hi, hi, r, o;"
-    " fma.rn.f16x2 $0, lo, $4, $5; fma.rn.f16x2 $1, hi, $4, $5; }"
-)
-
-
-@triton.jit
-def _byte_weights(q, j: tl.constexpr, s, b, ASM: tl.constexpr):
-    """The weights in byte j's nibbles of the words q [BLOCK_M, W], q * s + b (s and b in x's dtype,
-    broadcastable against q), for the low and the high nibbles: each a [BLOCK_M, W] tensor in s's dtype.
-    ASM: in fp16x2 PTX (_BYTE_PAIR_PTX, for fp16); else in float32 (bf16, and the interpreter)."""
-    if ASM:
-        select: tl.constexpr = j | j << 4 | (4 + j) << 8 | (4 + j) << 12  # byte j of each word: bytes 0, 2
-        return tl.inline_asm_elementwise(
-            _BYTE_PAIR_PTX,
-            "=r,=r,r,r,r,r,r,r",
-            [q, tl.broadcast_to(s, q.shape), tl.broadcast_to(b, q.shape), tl.full(q.shape, select, tl.int32)],
-            dtype=(tl.float16, tl.float16),
-            is_pure=True,
-            pack=2,
-        )
-    else:
-        t = _byte_to_window(q, j)
-        s32 = s.to(tl.float32)
-        b32 = b.to(tl.float32)
-        lo = _scaled_nibbles(t, 0xF000, 2048.0, s32, b32, ONE_BITS_IMM, s.dtype)
-        return lo, _scaled_nibbles(t, 0xF0000, 128.0, s32, b32, ONE_BITS_IMM, s.dtype)
-
-
-@triton.jit
-def _byte_dots(q, j: tl.constexpr, s, b, x_lo, x_hi, acc, ASM: tl.constexpr):
-    """acc plus the products of byte j's weights in the words q (_byte_weights) with their channels' columns
-    of x, x_lo and x_hi [BLOCK_N, W], on the tensor cores."""
-    w_lo, w_hi = _byte_weights(q, j, s, b, ASM)
-    acc = tl.dot(w_lo, tl.trans(x_lo), acc)
-    return tl.dot(w_hi, tl.trans(x_hi), acc)
-
-
-@triton.jit
-def _split8(x):
-    """x [R, 8 W] -> its eight [R, W] column sets: channels 8 w + e for e = 0..7."""
-    R: tl.constexpr = x.shape[0]
-    W: tl.constexpr = x.shape[1] // 8
-    even, odd = tl.split(tl.reshape(x, [R, W, 2, 2, 2]))  # channel e = 2 i + (e % 2), i = 0..3
-    x0, x2, x4, x6 = _split4(even)
-    x1, x3, x5, x7 = _split4(odd)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _x_tile(x_tile, k0, K, BLOCK_K: tl.constexpr):
-    """x's [BLOCK_N, BLOCK_K] tile at k0, zeros past K."""
-    return tl.load(x_tile + k0, mask=(k0 + tl.arange(0, BLOCK_K) < K)[None, :], other=0)
-
-
 @triton.jit(do_not_specialize=["N"])
 def _w4_gemm_kernel(
     x_ptr,
@@ -523,57 +449,38 @@ def _w4_gemm_kernel(
     K,
     stride_xn,
     stride_on,
+    one_bits,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    ASM: tl.constexpr,  # the weights in fp16x2 PTX (fp16 x, not under the interpreter)
     PDL: tl.constexpr,
 ):
-    """acc [BLOCK_M, BLOCK_N] = W x^T on the tensor cores, eight products a K tile, one per nibble position:
-    the weights of channels 8 w + e (word w, e = 0..7) times x's columns 8 w + e. Each weight operand is made
-    from the words by elementwise operations alone, so Triton unpacks it in registers in the layout the MMA
-    reads; a dequantized [BLOCK_M, BLOCK_K] tile would go through shared memory first."""
     pid_n = tl.program_id(0)  # fastest: the row tiles of x that share a weight tile run together
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    W: tl.constexpr = BLOCK_K // 8
     dtype = x_ptr.dtype.element_ty
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_w = tl.arange(0, W)
 
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
     wait_for_inputs(PDL)
 
     rows = _load_rows(offs_m, M)
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
-    x_tile = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
-    x_next = _x_tile(x_tile, it_start * BLOCK_K, K, BLOCK_K)
+    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, BLOCK_K // 8)[None, :]
+    x_ptrs = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
-        x = x_next  # x's tile is loaded an iteration ahead, in registers: Triton pipelines only the words
-        x_next = _x_tile(x_tile, k0 + BLOCK_K, K, BLOCK_K)
-        in_k = (k0 + 8 * offs_w < K)[None, :]  # a last tile may pass K: its words and x read as 0
-        q = tl.load(w_ptrs + k0 // 8, mask=in_k, other=0)
-        if BLOCK_K > G:  # a scale and bias per word
-            groups = (k0 + 8 * offs_w[None, :]) // G * M + rows[:, None]
-            s = tl.load(s_ptr + groups, mask=in_k, other=0).to(dtype)
-            b = tl.load(b_ptr + groups, mask=in_k, other=0).to(dtype)
-        else:  # (loaded as vectors: as [BLOCK_M, 1] tiles they would stop Triton unpacking in the MMA's layout)
-            s = tl.load(s_ptr + k0 // G * M + rows).to(dtype)[:, None]
-            b = tl.load(b_ptr + k0 // G * M + rows).to(dtype)[:, None]
-        x0, x1, x2, x3, x4, x5, x6, x7 = _split8(x)
-        # byte j of a word holds channels 8 w + e (low nibble) and 8 w + e + 4, e = 2 (j % 2) + j // 2
-        acc = _byte_dots(q, 0, s, b, x0, x4, acc, ASM)
-        acc = _byte_dots(q, 1, s, b, x2, x6, acc, ASM)
-        acc = _byte_dots(q, 2, s, b, x1, x5, acc, ASM)
-        acc = _byte_dots(q, 3, s, b, x3, x7, acc, ASM)
+        q = tl.load(w_ptrs + k0 // 8)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
+        x = tl.load(x_ptrs + k0)
+        acc = tl.dot(w, tl.trans(x), acc)
 
     out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -681,15 +588,11 @@ def _split_workspace(device: torch.device, outputs: int, tiles: int) -> tuple[to
     return ws, counts
 
 
-def _check_config(w: W4Packed, cfg: dict, tiles: str = "within") -> None:
-    """K tiles lie "within" a group (the GEMV over several rows, the dequantization kernel), or may also be
-    "whole" groups that divide K (the GEMV), or are "tensor" tiles: whole groups and at least 16 words a row,
-    the depth of the tensor-core products (a last tile past K is masked)."""
+def _check_config(w: W4Packed, cfg: dict, groups_per_tile: bool = False) -> None:
+    """The kernels take one group's scale per K tile: a tile must lie within a group. The GEMV also takes
+    tiles of several whole groups (groups_per_tile), which must divide K."""
     bk, g, k = cfg["BLOCK_K"], w.group_size, w.shape[1]
-    if tiles == "tensor":
-        if bk % g or bk < 128:
-            raise ValueError(f"BLOCK_K={bk} must be a multiple of the group size {g} and at least 128")
-    elif tiles == "whole" and bk > g:
+    if groups_per_tile and bk > g:
         if bk % g or k % bk:
             raise ValueError(f"BLOCK_K={bk} must be a multiple of the group size {g} that divides K={k}")
     elif g % bk:
@@ -699,7 +602,9 @@ def _check_config(w: W4Packed, cfg: dict, tiles: str = "within") -> None:
 def _splits(tiles: int, iters: int, sms: int, outputs: int, deep: bool = False) -> list[int]:
     """Splits along K worth trying: none, and (where the workspace holds the outputs) enough to give every
     SM two programs (at least 2 iterations each), half that and twice that. deep: also four times that, down
-    to one iteration a program (the GEMV, whose split is a runtime argument: no compile per split)."""
+    to one iteration a program: for the GEMV, whose split is a runtime argument (no compile per split), and
+    for the tensor-core kernel at N <= 64, whose small tiles leave room for many programs an SM (on an H200,
+    12288 x 4096 at N = 16 and 32 ran 10-30% faster split 6-11 ways than the 2-4 ways the others allow)."""
     if not _split_fits(outputs, tiles):
         return [1]
     want = min(max(1, -(-2 * sms // tiles)), max(1, iters // 2))
@@ -772,19 +677,26 @@ def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
 
 def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     if interpreting():
-        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=128, SPLIT_K=1, num_warps=4, num_stages=1)]
-    if n <= 16:  # (BLOCK_N, BLOCK_M, warps, stages)
-        shapes = [(16, bm, w, st) for bm, w in ((64, 4), (128, 4), (256, 8)) for st in (3, 5)]
+        return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
+    if n <= 16:
+        shapes = [(16, bm, bk, 4, st) for bm in (64, 128) for bk in sorted({min(64, g), g}) for st in (3, 5)]
     elif n <= 64:
-        shapes = [(32, 64, 4, 4), (32, 128, 4, 4), (32, 128, 8, 4), (64, 64, 4, 4), (64, 128, 8, 4)]
+        shapes = [(bn, bm, bk, 4, 4) for bn in (32, 64) for bm in (64, 128) for bk in sorted({min(64, g), g})]
     else:
-        shapes = [(64, 128, 4, 4), (128, 128, 8, 3), (256, 128, 8, 3), (128, 256, 8, 3), (64, 256, 8, 3)]
+        shapes = [
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 8, 3),
+            (128, 128, 128, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 256, 128, 8, 3),
+        ]
     configs = [dict(DEQUANT=True, BLOCK_M=32, BLOCK_K=g)] if n >= 128 else []
-    for bn, bm, w, st in shapes:
+    for bn, bm, bk, w, st in sorted({(bn, bm, min(bk, g), w, st) for bn, bm, bk, w, st in shapes}):
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        splits = _splits(tiles, triton.cdiv(k, 128), sms, n * m) if n <= 64 else [1]
+        splits = _splits(tiles, k // bk, sms, n * m, deep=True) if n <= 64 else [1]
         configs += [
-            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=128, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
+            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
         ]
     return configs
 
@@ -801,7 +713,7 @@ def _pairs(x: torch.Tensor, cfg: dict) -> bool:
 
 
 def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    _check_config(w, cfg, "whole")
+    _check_config(w, cfg, groups_per_tile=True)
     m, k = w.shape
     split = cfg["SPLIT_K"]
     dest = out if out is not None else x.new_empty(1, m)
@@ -871,7 +783,7 @@ def _launch_gemv_rows(
 
 
 def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | None = None) -> torch.Tensor:
-    _check_config(w, cfg, "tensor")
+    _check_config(w, cfg)
     n, k = x.shape
     m = w.shape[0]
     dest = out if out is not None else x.new_empty(n, m)
@@ -890,8 +802,8 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         k,
         x.stride(0),
         dest.stride(0),
+        ONE_BITS,
         G=w.group_size,
-        ASM=x.dtype == torch.float16 and not interpreting(),
         **pdl_launch_args(x.device),
         **cfg,
     )
