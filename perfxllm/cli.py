@@ -332,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu.add_argument("--quant", nargs="+", default=["int4", "fp16"], choices=["int4", "int8", "fp16"])
     gpu.add_argument("--prompt-len", type=int, default=512)
     gpu.add_argument("--gen-len", type=int, default=128)
-    gpu.add_argument("--sweep", action="store_true", help="also decode at batch 2..64")
+    gpu.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to decode at (default 1)")
+    gpu.add_argument("--sweep", action="store_true", help="also decode at batch 1, 2, 4 .. 64")
     gpu.add_argument("--hf", action="store_true", help="also time Hugging Face transformers fp16 generate")
     p = bench.add_parser(
         "serve",

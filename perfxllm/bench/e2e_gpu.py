@@ -21,6 +21,7 @@ import torch
 from perfxllm.bench import copy_gbps, current_commit
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine, device_tag
+from perfxllm.errors import PerfxError
 from perfxllm.layers.linear import Linear
 from perfxllm.model.config import ModelConfig
 from perfxllm.model.random_weights import PRESETS
@@ -231,15 +232,19 @@ def run_gpu(args: argparse.Namespace) -> dict:
 
     from perfxllm.kernels.pdl import pdl_enabled
 
+    if min(args.batch) < 1:
+        raise PerfxError(f"--batch takes sizes of at least 1, got {min(args.batch)}")
     device = torch.device("cuda")
     copy = copy_gbps(device)
     print(f"copy bandwidth {copy:.0f} GB/s", flush=True)
     rows: list[dict] = []
     for quant in args.quant:
         q = None if quant == "fp16" else quant
-        rows += bench_engine(args.random_weights, q, (1,), args, copy)
-        if args.sweep:
-            rows += bench_engine(args.random_weights, q, tuple(b for b in BATCHES if b > 1), args, copy)
+        batches = set(args.batch) | (set(BATCHES) if args.sweep else set())
+        if 1 in batches:  # an engine of its own, sized for one sequence
+            rows += bench_engine(args.random_weights, q, (1,), args, copy)
+        if batches - {1}:
+            rows += bench_engine(args.random_weights, q, tuple(sorted(batches - {1})), args, copy)
     if args.hf:
         rows.append(hf_baseline(args.random_weights, args.prompt_len, args.gen_len))
     name = torch.cuda.get_device_name(device)
