@@ -28,8 +28,8 @@ from perfxllm.kernels import w4a16_matmul as w4
 from perfxllm.kernels._common import num_sms
 
 
-def load_module(path: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("w4a16_baseline", path)
+def load_module(path: str, name: str = "w4a16_baseline") -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)

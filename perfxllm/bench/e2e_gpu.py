@@ -227,6 +227,13 @@ def hf_baseline(preset: str, prompt_len: int, gen_len: int) -> dict:
     return row
 
 
+def engine_batches(batch: list[int], sweep: bool) -> list[tuple[int, ...]]:
+    """The batch sizes to decode at, one tuple per engine: batch 1 gets an engine of its own, sized for one
+    sequence; the others share one."""
+    sizes = set(batch) | (set(BATCHES) if sweep else set())
+    return [b for b in ((1,) if 1 in sizes else (), tuple(sorted(sizes - {1}))) if b]
+
+
 def run_gpu(args: argparse.Namespace) -> dict:
     import triton
 
@@ -240,11 +247,8 @@ def run_gpu(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     for quant in args.quant:
         q = None if quant == "fp16" else quant
-        batches = set(args.batch) | (set(BATCHES) if args.sweep else set())
-        if 1 in batches:  # an engine of its own, sized for one sequence
-            rows += bench_engine(args.random_weights, q, (1,), args, copy)
-        if batches - {1}:
-            rows += bench_engine(args.random_weights, q, tuple(sorted(batches - {1})), args, copy)
+        for batches in engine_batches(args.batch, args.sweep):
+            rows += bench_engine(args.random_weights, q, batches, args, copy)
     if args.hf:
         rows.append(hf_baseline(args.random_weights, args.prompt_len, args.gen_len))
     name = torch.cuda.get_device_name(device)

@@ -1,5 +1,6 @@
 """perfxllm bench e2e --device cuda: what can be checked without a GPU."""
 
+from perfxllm.bench.e2e_gpu import engine_batches
 from perfxllm.cli import main
 
 
@@ -7,3 +8,9 @@ def test_batch_sizes_must_be_positive(capsys, tmp_path):
     assert main(["bench", "e2e", "--device", "cuda", "--batch", "1", "0", "--out-dir", str(tmp_path)]) == 2
     assert "--batch takes sizes of at least 1, got 0" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_engine_batches():
+    assert engine_batches([1], sweep=False) == [(1,)]
+    assert engine_batches([32, 16, 32], sweep=False) == [(16, 32)]
+    assert engine_batches([1, 8], sweep=True) == [(1,), (2, 4, 8, 16, 32, 64)]
