@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import sys
+import threading
 import time
 from types import ModuleType
 
@@ -49,8 +50,14 @@ def variant(
         return mod.W4Packed(**vars(q))
 
     p = own(p)
-    weights = mod._cold_weights(p)
-    cfg = mod._tuner.pick(key, lambda: cands, lambda c: mod.w4a16_matmul(x, next(weights), config=c))
+    weights, lock = mod._cold_weights(p), threading.Lock()  # the tuner runs candidates on threads
+
+    def run(c: dict) -> torch.Tensor:
+        with lock:
+            cold = next(weights)
+        return mod.w4a16_matmul(x, cold, config=c)
+
+    cfg = mod._tuner.pick(key, lambda: cands, run, getattr(mod, "_build", repr))  # a baseline may lack it
     errs = []
     for scale in (1.0, 300.0):  # larger x overflows fp16 outputs of K = 4096-11008
         xs = (x.float() * scale).half()

@@ -36,6 +36,7 @@ class MixedGraphRunner:
         capture: bool = True,
     ) -> None:
         """capture=False runs the same static-buffer forward eagerly, without graphs (tests on the CPU)."""
+        from perfxllm.kernels.paged_decode_attention import max_partitions
         from perfxllm.kernels.rope_attention_prefill import block_q
 
         device = model.cos_sin_cache.device
@@ -43,9 +44,10 @@ class MixedGraphRunner:
         self.buckets = sorted({t for t in BUCKETS if t < max_tokens} | {min(max_tokens, BUCKETS[-1])})
         t, b = self.buckets[-1], max_seqs
         self.block_q = block_q()
-        # Sized for the grid's rows, flash-decoding would give a few long-context decodes one partition
-        # each; a graph's rows are mostly empty, so split every context into up to DECODE_PARTS instead.
-        self.decode_partition_size = max(64, 1 << (-(-max_model_len // DECODE_PARTS) - 1).bit_length())
+        # Sized for the grid's rows, flash-decoding would give a few long-context decodes one part each; a
+        # graph's rows are mostly empty, so split every context into up to DECODE_PARTS instead.
+        config = model.config
+        self.decode_partitions = min(DECODE_PARTS, max_partitions(config.num_heads, config.num_kv_heads))
         ints = dict(dtype=torch.int32, device=device)
         self.input_ids = torch.zeros(t, dtype=torch.int64, device=device)
         self.positions = torch.zeros(t, dtype=torch.int64, device=device)
@@ -72,7 +74,7 @@ class MixedGraphRunner:
             block_tables=self.block_tables,
             max_context_len=self.max_model_len,
             decode_rows=min(self.max_seqs, bucket),
-            decode_partition_size=self.decode_partition_size,
+            decode_partitions=self.decode_partitions,
             prefill=PrefillLayout(self.cu_seqlens, self.cached_lens, self.tiles[: self._tile_slots(bucket)]),
         )
         hidden = self.model(self.input_ids[:bucket], self.positions[:bucket], meta)

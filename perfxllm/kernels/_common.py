@@ -5,11 +5,13 @@ Imports no triton (the torch-only ops use the checks on the CPU path too); tunin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -109,17 +111,33 @@ class DiskTuner:
                 self.best = {}
         return self.best
 
-    def pick(self, key: str, candidates: Callable[[], list[dict]], run: Callable[[dict], object]) -> dict:
-        """The config for key; candidates() is called only the first time this process sees the key."""
+    def pick(
+        self,
+        key: str,
+        candidates: Callable[[], list[dict]],
+        run: Callable[[dict], object],
+        build: Callable[[dict], Hashable | None] = repr,
+    ) -> dict:
+        """The config for key; candidates() is called only the first time this process sees the key.
+
+        run(config) is called from several threads at once: before timing, each candidate is run once on a
+        pool of threads so that the compiles overlap (see _compile_all). build(config) says which configs
+        compile to one kernel (equal values; None: nothing to compile ahead), so each is built once."""
         if key not in self.picked:
             configs = candidates()
             if interpreting() or len(configs) == 1:
                 self.picked[key] = configs[0]
             else:
-                self.picked[key] = self._tuned(key, configs, run)
+                self.picked[key] = self._tuned(key, configs, run, build)
         return self.picked[key]
 
-    def _tuned(self, key: str, configs: list[dict], run: Callable[[dict], object]) -> dict:
+    def _tuned(
+        self,
+        key: str,
+        configs: list[dict],
+        run: Callable[[dict], object],
+        build: Callable[[dict], Hashable | None] = repr,
+    ) -> dict:
         from triton.runtime.errors import OutOfResources
 
         best = self._load()
@@ -128,6 +146,7 @@ class DiskTuner:
         # time_in_graph runs on a stream of its own that does not wait for this one: without the wait, a
         # config under test could share a workspace or scratch buffer with kernels still queued here.
         torch.cuda.synchronize()
+        _compile_all(configs, run, build)
         times = []
         for cfg in configs:
             try:
@@ -146,6 +165,33 @@ class DiskTuner:
         except OSError:
             pass  # an unwritable cache only costs re-tuning next time
         return best[key]
+
+
+def _compile_all(
+    configs: list[dict], run: Callable[[dict], object], build: Callable[[dict], Hashable | None]
+) -> None:
+    """Run one config of each build once, the first here and the others on a pool of threads: Triton's
+    compiler and ptxas let go of the GIL, so the compiles overlap (one after another they took most of a
+    7B model's start-up). A config that fails here fails again when it is timed, which skips it."""
+    builds = {}
+    for cfg in configs:
+        b = build(cfg)
+        if b is not None:
+            builds.setdefault(b, cfg)
+    if len(builds) < 2:
+        return
+    first, *rest = builds.values()
+    device = torch.cuda.current_device()
+
+    def run_once(cfg: dict) -> None:
+        torch.cuda.set_device(device)  # a new thread starts on device 0, and on its default stream
+        with contextlib.suppress(Exception):
+            run(cfg)
+
+    run_once(first)  # lazy state (Triton's per-device caches, workspaces) is made by one thread
+    with ThreadPoolExecutor(min(len(rest), os.cpu_count() or 1)) as pool:
+        list(pool.map(run_once, rest))
+    torch.cuda.synchronize()
 
 
 _timing_streams: dict[int, torch.cuda.Stream] = {}

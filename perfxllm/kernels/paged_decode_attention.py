@@ -1,14 +1,18 @@
-"""Decode attention over the paged KV cache (flash-decoding): one new token per sequence.
+"""Decode attention over the paged KV cache (flash-decoding): one new token per sequence, in one launch.
 
 q [B, Hq, D] float16/bfloat16, ALREADY ROTATED (run perfxllm.kernels.rope_cache_write first: it rotates q,
 and writes this step's rotated k and v into the cache). k_cache/v_cache [num_blocks, block_size, Hkv, D];
 block_tables int32 [B, max_blocks]; context_lens int32 [B] (this step's token included; 0: a row to leave
 alone);
-max_context_len: max(context_lens), a host int (sizes the grid). Returns out [B, Hq, D] in q's dtype.
+max_context_len: max(context_lens), a host int (an upper bound under a CUDA graph). Returns out [B, Hq, D] in
+q's dtype.
 
-Each sequence's context is cut into partitions of partition_size tokens; one program per (sequence, kv
-head, partition) handles all the query heads of its kv head with one 16-row tensor-core dot per key tile
-and writes its partial output and log-sum-exp; a second kernel merges the partitions. Softmax in float32.
+Each sequence's context is cut into up to `partitions` parts of whole key tiles, sized from its own length on
+the GPU (so a graph captured for the longest context splits a short one as finely); one program per
+(sequence, kv head, part) handles all the query heads of its kv head with one 16-row tensor-core dot per key
+tile. A context of one part is written out at once; otherwise each part writes its partial output and
+log-sum-exp, and the last part to finish (an arrival counter per sequence and kv head, left at zero) merges
+them. Softmax in float32.
 """
 
 from __future__ import annotations
@@ -23,9 +27,50 @@ from perfxllm.kernels._common import check_tensor, interpreting, num_sms
 from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
 from perfxllm.kernels.rope_attention_prefill import LOG2E, check_heads
 
+MERGE_ROWS = 128  # (query head, part) pairs one program merges: the partial outputs it holds at once
+ARRIVAL_COUNTERS = 2**16  # sequences x kv heads of one launch at most
+_arrivals: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def _merge_parts(
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    first_row,
+    used,
+    num_parts,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """out of query heads first_row.. (GROUP of them) from their `used` parts' outputs and log-sum-exps."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_d = tl.arange(0, D)
+    mask = (offs_g[:, None] < GROUP) & (offs_p[None, :] < used)
+    rows = (first_row + offs_g)[:, None].to(tl.int64) * num_parts + offs_p[None, :]  # [G, P]
+    # .cg: from L2, where the other programs' writes are (this program's L1 has never held these lines)
+    lse = tl.load(lse_ptr + rows, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    w = tl.exp2(lse - tl.max(lse, axis=1)[:, None])
+    o = tl.load(
+        o_ptr + rows[:, :, None] * D + offs_d[None, None, :],
+        mask=mask[:, :, None],
+        other=0,
+        cache_modifier=".cg",
+    )
+    out = tl.sum(o * w[:, :, None], axis=1) / tl.sum(w, axis=1)[:, None]
+    out_rows = (first_row + offs_g).to(tl.int64)
+    tl.store(
+        out_ptr + out_rows[:, None] * D + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_g[:, None] < GROUP,
+    )
+
 
 @triton.jit(do_not_specialize=["stride_bt", "num_parts"])
-def _decode_partial_kernel(
+def _decode_attention_kernel(
     q_ptr,
     kc_ptr,
     vc_ptr,
@@ -33,6 +78,8 @@ def _decode_partial_kernel(
     ctx_ptr,
     o_ptr,
     lse_ptr,
+    arrival_ptr,
+    out_ptr,
     stride_qb,
     stride_qh,
     stride_bt,
@@ -42,9 +89,10 @@ def _decode_partial_kernel(
     HKV: tl.constexpr,
     D: tl.constexpr,
     BS: tl.constexpr,
-    PART: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -52,7 +100,8 @@ def _decode_partial_kernel(
     part = tl.program_id(2)
     wait_for_inputs(PDL)
     ctx = tl.load(ctx_ptr + b)
-    start = part * PART
+    part_len = tl.cdiv(tl.cdiv(ctx, num_parts), BLOCK_N) * BLOCK_N  # whole key tiles
+    start = part * part_len
     if start < ctx:
         GROUP: tl.constexpr = HQ // HKV
         offs_h = tl.arange(0, BLOCK_H)
@@ -64,7 +113,7 @@ def _decode_partial_kernel(
             mask=mask_h[:, None],
             other=0,
         )
-        end = tl.minimum(start + PART, ctx)
+        end = tl.minimum(start + part_len, ctx)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, D], dtype=tl.float32)
@@ -84,38 +133,27 @@ def _decode_partial_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
             m_i = m_new
-        row = (b * HQ + heads).to(tl.int64) * num_parts + part
-        tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=mask_h[:, None])
-        tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=mask_h)
+        head_rows = (b * HQ + heads).to(tl.int64)
+        used = tl.cdiv(ctx, part_len)
+        if used == 1:
+            out = (acc / l_i[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + head_rows[:, None] * D + offs_d[None, :], out, mask=mask_h[:, None])
+        else:
+            row = head_rows * num_parts + part
+            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], acc / l_i[:, None], mask=mask_h[:, None])
+            tl.store(lse_ptr + row, m_i + tl.log2(l_i), mask=mask_h)
+            tl.debug_barrier()  # every thread's partial results are in before the arrival is counted
+            arrived = tl.atomic_add(arrival_ptr + b * HKV + kvh, 1, sem="acq_rel")
+            if arrived == used - 1:
+                _merge_parts(
+                    o_ptr, lse_ptr, out_ptr, b * HQ + kvh * GROUP, used, num_parts, GROUP, D, BLOCK_G, BLOCK_P
+                )
+                tl.atomic_xchg(arrival_ptr + b * HKV + kvh, 0, sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["num_parts"])
-def _decode_reduce_kernel(
-    o_ptr,
-    lse_ptr,
-    ctx_ptr,
-    out_ptr,
-    num_parts,
-    HQ: tl.constexpr,
-    D: tl.constexpr,
-    PART: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    PDL: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    wait_for_inputs(PDL)
-    used = tl.cdiv(tl.load(ctx_ptr + b), PART)
-    if used > 0:  # an empty context is a row to leave alone (a graph's padding, a prompt chunk's row)
-        offs_p = tl.arange(0, BLOCK_P)
-        mask_p = offs_p < used
-        row = (b * HQ + h).to(tl.int64) * num_parts
-        lse = tl.load(lse_ptr + row + offs_p, mask=mask_p, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, axis=0))
-        offs_d = tl.arange(0, D)
-        o = tl.load(o_ptr + (row + offs_p)[:, None] * D + offs_d[None, :], mask=mask_p[:, None], other=0)
-        out = tl.sum(o * w[:, None], axis=0) / tl.sum(w, axis=0)
-        tl.store(out_ptr + (b * HQ + h).to(tl.int64) * D + offs_d, out.to(out_ptr.dtype.element_ty))
+def max_partitions(hq: int, hkv: int) -> int:
+    """The most parts a context may be cut into: the merge holds (query head, part) pairs of a kv head."""
+    return max(1, MERGE_ROWS // triton.next_power_of_2(hq // hkv))
 
 
 def paged_decode_attention(
@@ -126,11 +164,11 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     max_context_len: int,
     scale: float | None = None,
-    partition_size: int | None = None,
+    partitions: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """See the module docstring. partition_size (a multiple of the key tile, 16 on the interpreter and 64
-    on the GPU): tokens per partition; by default sized so the grid fills the GPU. out: an optional
+    """See the module docstring. partitions: the most parts a context is cut into (at most
+    max_partitions(Hq, Hkv)); by default enough that the grid fills the GPU twice over. out: an optional
     contiguous destination shaped and typed like q."""
     check_tensor("q", q, dtypes=(torch.float16, torch.bfloat16), ndim=3)
     if q.stride(-1) != 1:
@@ -154,16 +192,23 @@ def paged_decode_attention(
     if batch == 0 or max_context_len <= 0:
         return out
     block_n = 16 if interpreting() else 64
-    if partition_size is None:
-        want_parts = triton.cdiv(2 * num_sms(q.device), batch * hkv)
-        partition_size = max(block_n, triton.next_power_of_2(triton.cdiv(max_context_len, want_parts)))
-    if partition_size % block_n:
-        raise ValueError(f"partition_size {partition_size} must be a multiple of {block_n}")
-    num_parts = triton.cdiv(max_context_len, partition_size)
-    o_part = torch.empty(batch, hq, num_parts, d, device=q.device, dtype=torch.float32)
-    lse = torch.empty(batch, hq, num_parts, device=q.device, dtype=torch.float32)
+    most = max_partitions(hq, hkv)
+    if partitions is None:
+        partitions = min(
+            most, triton.cdiv(2 * num_sms(q.device), batch * hkv), triton.cdiv(max_context_len, block_n)
+        )
+    if not 1 <= partitions <= most:
+        raise ValueError(
+            f"partitions must be between 1 and {most} for {hq} query heads on {hkv}, got {partitions}"
+        )
+    if batch * hkv > ARRIVAL_COUNTERS:
+        raise ValueError(f"{batch} sequences x {hkv} kv heads exceed the {ARRIVAL_COUNTERS} arrival counters")
+    if q.device not in _arrivals:
+        _arrivals[q.device] = torch.zeros(ARRIVAL_COUNTERS, dtype=torch.int32, device=q.device)
+    o_part = torch.empty(batch, hq, partitions, d, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, hq, partitions, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    _decode_partial_kernel[(batch, hkv, num_parts)](
+    _decode_attention_kernel[(batch, hkv, partitions)](
         q,
         k_cache,
         v_cache,
@@ -171,33 +216,23 @@ def paged_decode_attention(
         context_lens,
         o_part,
         lse,
+        _arrivals[q.device],
+        out,
         q.stride(0),
         q.stride(1),
         block_tables.stride(0),
-        num_parts,
+        partitions,
         scale * LOG2E,
         HQ=hq,
         HKV=hkv,
         D=d,
         BS=block_size,
-        PART=partition_size,
         BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
         BLOCK_N=block_n,
+        BLOCK_G=triton.next_power_of_2(hq // hkv),
+        BLOCK_P=triton.next_power_of_2(partitions),
         num_warps=4,
         num_stages=1 if interpreting() else 3,
-        **pdl_launch_args(q.device),
-    )
-    _decode_reduce_kernel[(batch, hq)](
-        o_part,
-        lse,
-        context_lens,
-        out,
-        num_parts,
-        HQ=hq,
-        D=d,
-        PART=partition_size,
-        BLOCK_P=triton.next_power_of_2(num_parts),
-        num_warps=4,
         **pdl_launch_args(q.device),
     )
     return out

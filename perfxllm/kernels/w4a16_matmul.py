@@ -34,6 +34,7 @@ Block shapes are tuned per (kernel, N bucket, M, K) on the GPU and cached on dis
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -844,7 +845,13 @@ def w4a16_matmul(
         )
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
-        weights = _cold_weights(w)
+        weights, weights_lock = _cold_weights(w), threading.Lock()  # the tuner runs configs on threads
+
+        def run(c: dict) -> torch.Tensor:
+            with weights_lock:
+                cold = next(weights)
+            return _launcher(n, c)(x2, cold, c)
+
         config = _tuner.pick(
             key,
             lambda: (
@@ -852,7 +859,8 @@ def w4a16_matmul(
                 if n == 1
                 else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
             ),
-            lambda c: _launcher(n, c)(x2, next(weights), c),
+            run,
+            _build,
         )
     return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
 
@@ -869,6 +877,15 @@ def _cold_weights(w: W4Packed) -> Iterator[W4Packed]:
         for _ in range(min(7, -(-2 * l2 // nbytes)))
     ]
     yield from itertools.cycle(copies)
+
+
+def _build(config: dict) -> tuple | None:
+    """What a config compiles to, for the tuner: the GEMVs take their split at run time, and the cuBLAS
+    configs build only the dequantize kernel."""
+    if config.get("DEQUANT"):
+        return None
+    split_at_run_time = "BLOCK_N" not in config or config.get("GEMV_ROWS")
+    return tuple(sorted((k, v) for k, v in config.items() if k != "SPLIT_K" or not split_at_run_time))
 
 
 def _launcher(n: int, config: dict) -> Callable:

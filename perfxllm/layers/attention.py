@@ -61,8 +61,8 @@ class AttentionMetadata:
     # of mixed steps sets both for its largest batch: rows with context 0 and empty tiles are skipped.
     decode_rows: int | None = None
     prefill: PrefillLayout | None = None
-    # flash-decoding's tokens per partition (None: sized for the batch)
-    decode_partition_size: int | None = None
+    # the most parts flash-decoding cuts a context into (None: enough for the batch to fill the GPU)
+    decode_partitions: int | None = None
 
     def __post_init__(self) -> None:
         if self.decode_rows is None:
@@ -126,7 +126,7 @@ def attention(
             meta.context_lens[:rows],
             meta.max_context_len,
             scale,
-            meta.decode_partition_size,
+            meta.decode_partitions,
             out=out[:rows],
         )
     prefill = meta.prefill_layout()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perfxllm.kernels._common import interpreting
-from perfxllm.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_ref
+from perfxllm.kernels.paged_decode_attention import (
+    max_partitions,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+)
 from perfxllm.kernels.rope_attention_prefill import (
     block_q,
     prefill_attention,
@@ -78,20 +81,21 @@ def test_prefill(hq, hkv, d, cached, new, device, rel_err):
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d"), [(8, 2, 64), (2, 2, 32)])
-@pytest.mark.parametrize("split", ["smallest", "auto"])
-def test_decode(hq, hkv, d, split, device, rel_err):
-    """ "smallest": partitions of one key block (16 keys interpreted, 64 on the GPU), so that the longer
-    contexts span several and their partial results are merged."""
-    partition_size = (16 if interpreting() else 64) if split == "smallest" else None
+@pytest.mark.parametrize("partitions", [None, 1, 3, 16])
+def test_decode(hq, hkv, d, partitions, device, rel_err):
+    """Contexts cut into one part, a few, and many (one key tile each, 16 keys interpreted and 64 on the
+    GPU, for the longest); run twice, so that the arrival counters the first call leaves behind serve the
+    second."""
     gen = torch.Generator().manual_seed(hq + d)
     lens = [1, 17, 70, 200]
     k_cache, v_cache, tables = make_paged(len(lens), lens, hkv, d, gen, num_blocks=256)
-    q = torch.randn(len(lens), hq, d, generator=gen).half()
     ctx = torch.tensor(lens, dtype=torch.int32)
-    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)
-    dev = [x.to(device) for x in (q, k_cache, v_cache, tables, ctx)]
-    out = paged_decode_attention(*dev, max(lens), partition_size=partition_size)
-    assert rel_err(out, ref) < TOL
+    dev = [x.to(device) for x in (k_cache, v_cache, tables, ctx)]
+    for _ in range(2):
+        q = torch.randn(len(lens), hq, d, generator=gen).half()
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)
+        out = paged_decode_attention(q.to(device), *dev, max(lens), partitions=partitions)
+        assert rel_err(out, ref) < TOL
 
 
 def test_prefill_tiles():
@@ -156,6 +160,9 @@ def test_errors(device):
         paged_decode_attention(q[:, :3], cache, cache, tables, ctx, 1)
     with pytest.raises(ValueError, match="v_cache must have shape"):
         paged_decode_attention(q, cache, cache[:4], tables, ctx, 1)
+    assert (max_partitions(32, 32), max_partitions(32, 8), max_partitions(28, 4)) == (128, 32, 16)
+    with pytest.raises(ValueError, match="partitions must be between 1 and 64 for 4 query heads on 2"):
+        paged_decode_attention(q, cache, cache, tables, ctx, 1, partitions=65)
     with pytest.raises(ValueError, match="slot_mapping must have dtype int64"):
         rope_cache_write(
             q, q[:, :2], q[:, :2], ctx.long(), torch.ones(4, 32, device=device), cache, cache, ctx

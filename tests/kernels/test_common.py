@@ -74,6 +74,8 @@ def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_common.torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(_common, "time_in_graph", lambda fn: fn())  # "time": what run() returns
 
     def run(cfg: dict) -> float:
@@ -115,3 +117,27 @@ def test_host_values_arrive_whole(device):
     copy_to(dest[:-3], values)
     assert moved.dtype == torch.int32 and moved.tolist() == values
     assert dest.tolist() == [*values, 0, 0, 0]
+
+
+def test_tuner_compiles_one_config_per_build_on_threads(monkeypatch):
+    """Before timing, the tuner runs one config of each build: the first on the calling thread (it makes
+    the lazy state), the others on a pool; a config that fails there is left for the timing to skip."""
+    import threading
+
+    from perfxllm.kernels import _common
+
+    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_common.torch.cuda, "set_device", lambda device: None)
+    ran, lock = [], threading.Lock()
+
+    def run(cfg: dict) -> None:
+        with lock:
+            ran.append((cfg["BLOCK"], threading.get_ident()))
+        if cfg["BLOCK"] == 64:
+            raise RuntimeError("out of shared memory")
+
+    configs = [{"BLOCK": b, "SPLIT": s} for b in (16, 32, 64, 128) for s in (1, 2)] + [{"BLOCK": 0}]
+    _common._compile_all(configs, run, lambda c: c["BLOCK"] or None)
+    assert sorted(b for b, _ in ran) == [16, 32, 64, 128]
+    assert ran[0] == (16, threading.get_ident())

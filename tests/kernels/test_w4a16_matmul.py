@@ -241,3 +241,20 @@ def test_tuner_splits_small_n_deep(monkeypatch):
     for n in (16, 32):
         splits = {c["SPLIT_K"] for c in mod._gemm_configs(n, 12288, 4096, 128, 132) if c["BLOCK_M"] == 64}
         assert {1, 2, 4, 8} <= splits
+
+
+def test_tuner_builds_each_kernel_once(monkeypatch):
+    """The tuner compiles one config per build ahead of timing: the GEMVs take their split at run time (so
+    their splits share a build), the tensor-core kernel as a constant, and the cuBLAS configs build nothing
+    ahead."""
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+    gemv = mod._gemv_configs(12288, 4096, 128, 132, torch.float16, pdl=True)
+    assert len({mod._build(c) for c in gemv}) < len(gemv)
+    assert len({mod._build(c) for c in gemv}) == len(
+        {(c["BLOCK_M"], c["BLOCK_K"], c["num_warps"], c["num_stages"], c["PREFETCH"]) for c in gemv}
+    )
+    gemm = [c for c in mod._gemm_configs(16, 12288, 4096, 128, 132)]
+    assert len({mod._build(c) for c in gemm}) == len(gemm)
+    rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132)
+    assert len({mod._build(c) for c in rows}) < len(rows)
+    assert [mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132) if c.get("DEQUANT")] == [None]
