@@ -59,6 +59,7 @@ def test_split_k(split_k, device, rel_err):
     cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg, seed=1)  # again, on the workspace left behind
+    run_case(2, 20, 224, 32, device, rel_err, config=cfg, float_min=True, seed=2)  # (fp16x2 PTX on a GPU)
     assert_split_workspace_clean(device)
 
 
