@@ -123,49 +123,6 @@ def _dequantize(q, s, b, one_bits, dtype: tl.constexpr):
     return tl.reshape(tl.join(pairs_01, pairs_23), (q.shape[0], 8 * q.shape[1]))
 
 
-# fp16x2 weights from byte j of two words: PRMT puts the bytes side by side, one LOP3 each makes 1024 + q of
-# the low nibbles and 1024 + 16 q of the high ones, a SUB or an FMA by 1/16 leaves q exactly, and one FMA gives
-# q * s + b rounded once. Operands: $0 and $1 the low and high nibbles' weights, $2 $3 the words, $4 $5 the
-# scale and bias pairs, $6 (and $7) the PRMT selector.
-_BYTE_PAIR_PTX = tl.constexpr(
-    "{ .reg .b32 t, lo, hi, k, r, o;"
-    " mov.b32 k, 0x64006400; mov.b32 r, 0x2C002C00; mov.b32 o, 0xD400D400;"
-    " prmt.b32 t, $2, $3, $6;"
-    " lop3.b32 lo, t, 0x000f000f, k, 0xea; lop3.b32 hi, t, 0x00f000f0, k, 0xea;"
-    " sub.f16x2 lo, lo, k; fma.rn.f16x2 hi, hi, r, o;"
-    " fma.rn.f16x2 $0, lo, $4, $5; fma.rn.f16x2 $1, hi, $4, $5; }"
-)
-
-
-@triton.jit
-def _byte_weights_fp16(q, j: tl.constexpr, s, b):
-    """Byte j's weights of the words q [R, W], q * s + b for s, b float16 [R, W]: (low nibbles, high nibbles),
-    each float16 [R, W], two words an instruction chain."""
-    select: tl.constexpr = j | j << 4 | (4 + j) << 8 | (4 + j) << 12  # byte j of each word: bytes 0, 2
-    return tl.inline_asm_elementwise(
-        _BYTE_PAIR_PTX,
-        "=r,=r,r,r,r,r,r,r",
-        [q, s, b, tl.full(q.shape, select, tl.int32)],
-        dtype=(tl.float16, tl.float16),
-        is_pure=True,
-        pack=2,
-    )
-
-
-@triton.jit
-def _dequantize_fp16(q, s, b):
-    """_dequantize for float16 in fp16x2 PTX, about half its instructions: int32 words [R, W] with float16
-    scale and bias [R, 1] -> [R, 8 W] float16."""
-    s = tl.broadcast_to(s, q.shape)
-    b = tl.broadcast_to(b, q.shape)
-    c0, c4 = _byte_weights_fp16(q, 0, s, b)  # byte j holds channels e and e + 4, e = 2 (j % 2) + j // 2
-    c2, c6 = _byte_weights_fp16(q, 1, s, b)
-    c1, c5 = _byte_weights_fp16(q, 2, s, b)
-    c3, c7 = _byte_weights_fp16(q, 3, s, b)
-    low, high = tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7))
-    return tl.reshape(tl.join(low, high), (q.shape[0], 8 * q.shape[1]))  # channel 4 high + 2 mid + low
-
-
 @triton.jit
 def _group_scale_bias(s_ptr, b_ptr, group, M, offs_m, mask_m):
     """Rows offs_m's scale and bias of one K group, float32 [R] each."""
@@ -499,7 +456,6 @@ def _w4_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    ASM: tl.constexpr,  # fp16 x: the weights in fp16x2 PTX (_dequantize_fp16; not under the interpreter)
     PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)  # fastest: the row tiles of x that share a weight tile run together
@@ -522,13 +478,8 @@ def _w4_gemm_kernel(
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + k0 // 8)
-        if ASM:
-            s = tl.load(s_ptr + k0 // G * M + rows)
-            b = tl.load(b_ptr + k0 // G * M + rows)
-            w = _dequantize_fp16(q, s[:, None], b[:, None])
-        else:
-            s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
-            w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
+        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
         x = tl.load(x_ptrs + k0)
         acc = tl.dot(w, tl.trans(x), acc)
 
@@ -854,7 +805,6 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         dest.stride(0),
         ONE_BITS,
         G=w.group_size,
-        ASM=x.dtype == torch.float16 and not interpreting(),
         **pdl_launch_args(x.device),
         **cfg,
     )
