@@ -136,7 +136,7 @@ class DiskTuner:
         key: str,
         configs: list[dict],
         run: Callable[[dict], object],
-        build: Callable[[dict], Hashable | None] = repr,
+        build: Callable[[dict], Hashable | None],
     ) -> dict:
         from triton.runtime.errors import OutOfResources
 

@@ -812,6 +812,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
 
 
 _tuner = DiskTuner("w4a16_matmul")
+_cold_weights_lock = threading.Lock()
 
 
 def w4a16_matmul(
@@ -845,10 +846,10 @@ def w4a16_matmul(
         )
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
-        weights, weights_lock = _cold_weights(w), threading.Lock()  # the tuner runs configs on threads
+        weights = _cold_weights(w)
 
         def run(c: dict) -> torch.Tensor:
-            with weights_lock:
+            with _cold_weights_lock:  # the tuner runs configs on several threads
                 cold = next(weights)
             return _launcher(n, c)(x2, cold, c)
 

@@ -26,6 +26,16 @@ print(found)
 """
 
 
+@pytest.fixture
+def no_cuda_calls(monkeypatch):
+    """The tuner's device calls made harmless, for timing that a test stands in for."""
+    from perfxllm.kernels import _common
+
+    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_common.torch.cuda, "set_device", lambda device: None)
+
+
 def test_tuner_builds_the_candidates_once_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path))
     tuner = DiskTuner("test")
@@ -68,14 +78,11 @@ def test_timing_in_graphs_leaves_no_memory_behind():
     assert torch.cuda.memory_allocated() - before < 2**20
 
 
-def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch):
+def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch, no_cuda_calls):
     """A candidate whose compile or launch raises is not picked, and the others are still timed."""
     from perfxllm.kernels import _common
 
     monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(_common.torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(_common, "time_in_graph", lambda fn: fn())  # "time": what run() returns
 
     def run(cfg: dict) -> float:
@@ -84,7 +91,7 @@ def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch):
         return cfg["BLOCK"]
 
     configs = [{"BLOCK": 16}, {"BLOCK": 64}, {"BLOCK": 32}]
-    assert DiskTuner("test")._tuned("k", configs, run) == {"BLOCK": 32}
+    assert DiskTuner("test")._tuned("k", configs, run, repr) == {"BLOCK": 32}
 
 
 def test_the_cpu_path_imports_without_triton():
@@ -119,16 +126,13 @@ def test_host_values_arrive_whole(device):
     assert dest.tolist() == [*values, 0, 0, 0]
 
 
-def test_tuner_compiles_one_config_per_build_on_threads(monkeypatch):
+def test_tuner_compiles_one_config_per_build_on_threads(no_cuda_calls):
     """Before timing, the tuner runs one config of each build: the first on the calling thread (it makes
     the lazy state), the others on a pool; a config that fails there is left for the timing to skip."""
     import threading
 
     from perfxllm.kernels import _common
 
-    monkeypatch.setattr(_common.torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(_common.torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(_common.torch.cuda, "set_device", lambda device: None)
     ran, lock = [], threading.Lock()
 
     def run(cfg: dict) -> None:

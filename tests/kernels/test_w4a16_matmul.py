@@ -59,7 +59,7 @@ def test_split_k(split_k, device, rel_err):
     cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg)
     run_case(2, 20, 224, 32, device, rel_err, config=cfg, seed=1)  # again, on the workspace left behind
-    run_case(2, 20, 224, 32, device, rel_err, config=cfg, float_min=True, seed=2)  # (fp16x2 PTX on a GPU)
+    run_case(2, 20, 224, 32, device, rel_err, config=cfg, float_min=True, seed=2)
     assert_split_workspace_clean(device)
 
 
@@ -254,7 +254,7 @@ def test_tuner_builds_each_kernel_once(monkeypatch):
     assert len({mod._build(c) for c in gemv}) == len(
         {(c["BLOCK_M"], c["BLOCK_K"], c["num_warps"], c["num_stages"], c["PREFETCH"]) for c in gemv}
     )
-    gemm = [c for c in mod._gemm_configs(16, 12288, 4096, 128, 132)]
+    gemm = mod._gemm_configs(16, 12288, 4096, 128, 132)
     assert len({mod._build(c) for c in gemm}) == len(gemm)
     rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132)
     assert len({mod._build(c) for c in rows}) < len(rows)
