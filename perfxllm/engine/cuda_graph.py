@@ -2,8 +2,9 @@
 static input buffers. A step copies its inputs into the buffers' first rows and replays the smallest bucket
 that holds its batch; the padding rows write no cache slot (slot -1) and their logits are ignored.
 
-The graphs bake in the kernels' grids: decode attention is sized for max_model_len (partitions past a
-sequence's context exit at once) and the int4 matmuls use the block shapes tuned during the warm-up run.
+The graphs bake in the kernels' grids: decode attention's count of parts is fixed at capture (each part's
+length is worked out on the GPU from the sequence's context) and the int4 matmuls use the block shapes tuned
+during the warm-up run.
 """
 
 from __future__ import annotations
