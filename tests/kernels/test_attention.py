@@ -163,6 +163,16 @@ def test_errors(device):
     assert (max_partitions(32, 32), max_partitions(32, 8), max_partitions(28, 4)) == (128, 32, 16)
     with pytest.raises(ValueError, match="partitions must be between 1 and 64 for 4 query heads on 2"):
         paged_decode_attention(q, cache, cache, tables, ctx, 1, partitions=65)
+    many = 2**15 + 1  # sequences: with 2 kv heads, more than the arrival counters
+    with pytest.raises(ValueError, match="32769 sequences x 2 kv heads exceed the 65536 arrival counters"):
+        paged_decode_attention(
+            q[:1].expand(many, -1, -1),
+            cache,
+            cache,
+            tables[:1].expand(many, -1),
+            ctx[:1].expand(many).contiguous(),
+            1,
+        )
     with pytest.raises(ValueError, match="slot_mapping must have dtype int64"):
         rope_cache_write(
             q, q[:, :2], q[:, :2], ctx.long(), torch.ones(4, 32, device=device), cache, cache, ctx
