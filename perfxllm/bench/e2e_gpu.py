@@ -122,7 +122,7 @@ def bench_engine(
             }
         )
         print(json.dumps(rows[-1]), flush=True)
-    rows[0]["step_breakdown"] = step_breakdown(engine, args.prompt_len)
+    rows[0]["step_breakdown"] = step_breakdown(engine, rows[0]["batch"], args.prompt_len)
     del engine
     torch.cuda.empty_cache()
     return rows
@@ -141,10 +141,10 @@ def kernel_times(run: Callable[[], object]) -> tuple[float, dict[str, float]]:
     return round(sum(kernels.values()), 3), {k: round(v, 4) for k, v in top}
 
 
-def step_breakdown(engine: Engine, prompt_len: int) -> dict:
-    """Where batch-1 time goes: the prefill step (wall time, then its kernels' GPU time from a second,
-    profiled prefill), a decode step (the whole engine step, the graph replay alone) and the top kernels of
-    one eager decode step."""
+def step_breakdown(engine: Engine, batch: int, prompt_len: int) -> dict:
+    """Where the time goes: one prompt's prefill step (wall time, then its kernels' GPU time from a second,
+    profiled prefill), and with `batch` sequences decoding, the whole engine step, the graph replay alone
+    and the top kernels of one eager step."""
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     engine.add_request(list(range(3, 3 + prompt_len)), params)
     torch.cuda.synchronize()
@@ -152,6 +152,13 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
     engine.step()  # prefill
     torch.cuda.synchronize()
     prefill_ms = (time.perf_counter() - t0) * 1e3
+    while engine.has_unfinished():
+        engine.step()
+    for i in range(batch):
+        engine.add_request(list(range(3 + i, 3 + i + prompt_len)), params)
+    started: set[str] = set()
+    while len(started) < batch:  # the prompts' steps
+        started.update(out.request_id for out in engine.step())
     for _ in range(4):
         engine.step()
     torch.cuda.synchronize()
@@ -163,10 +170,11 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
     graphs = engine.runner.graphs
     replay_ms = None
     if graphs is not None:
+        graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(20):
-            graphs.graphs[1].replay()
+            graph.replay()
         end.record()
         end.synchronize()
         replay_ms = start.elapsed_time(end) / 20
@@ -184,6 +192,7 @@ def step_breakdown(engine: Engine, prompt_len: int) -> dict:
         "prefill_step_ms": round(prefill_ms, 3),
         "prefill_kernel_total_ms": prefill_total,
         "prefill_kernels_ms": prefill_top,
+        "decode_batch": batch,
         "engine_step_ms": round(step_ms, 3),
         "graph_replay_ms": None if replay_ms is None else round(replay_ms, 3),
         "eager_step_kernels_ms": decode_top,

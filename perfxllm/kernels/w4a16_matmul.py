@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, prefetch_rows_l2, wait_for_inputs
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
@@ -313,7 +313,7 @@ def _finish_split(acc, mask, out_ptrs, ws_ptrs, count_ptr, num_splits):
         tl.atomic_xchg(count_ptr, 0, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["split_k", "prefetch_tiles"])
 def _w4_gemv_kernel(
     x_ptr,
     qw_ptr,
@@ -325,6 +325,7 @@ def _w4_gemv_kernel(
     M,
     K,
     split_k,
+    prefetch_tiles,  # with PDL: K tiles a program prefetches into L2 before its inputs are ready
     one_bits,
     G: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -332,7 +333,6 @@ def _w4_gemv_kernel(
     STAGES: tl.constexpr,  # weight tiles in flight (cp.async into shared memory); 1: plain loads
     PAIRS: tl.constexpr,  # fp16 x: products in fp16 pairs (_quads_dot_x_pairs); else float32 (_words_dot_x)
     ASM: tl.constexpr,  # the pairs in PTX (not under the interpreter)
-    PREFETCH: tl.constexpr,  # with PDL: K tiles a program prefetches into L2 before its inputs are ready
     PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -347,7 +347,7 @@ def _w4_gemv_kernel(
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
     if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
         rows = qw_ptr + _load_rows(offs_m, M)[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
-        for it in range(it_start, tl.minimum(it_start + PREFETCH, it_end)):
+        for it in range(it_start, tl.minimum(it_start + prefetch_tiles, it_end)):
             for piece in tl.static_range(GROUPS):
                 prefetch_l2(rows + it * (BLOCK_K // 8) + piece * W)
     wait_for_inputs(PDL)
@@ -376,7 +376,7 @@ def _w4_gemv_kernel(
         _finish_split(out, mask_m, out_ptr + offs_m, ws_ptr + offs_m, count_ptr + pid_m, split_k)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "split_k"])
 def _w4_gemv_rows_kernel(
     x_ptr,
     qw_ptr,
@@ -436,7 +436,7 @@ def _w4_gemv_rows_kernel(
         _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
 
 
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "prefetch_tiles"])
 def _w4_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -450,6 +450,7 @@ def _w4_gemm_kernel(
     K,
     stride_xn,
     stride_on,
+    prefetch_tiles,  # with PDL: K tiles a program prefetches into L2 before its inputs are ready
     one_bits,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -469,9 +470,13 @@ def _w4_gemm_kernel(
     mask_n = offs_n < N
 
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
+    rows = _load_rows(offs_m, M)
+    if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
+        tiles = tl.minimum(prefetch_tiles, it_end - it_start)
+        row_ptrs = qw_ptr + rows.to(tl.int64) * _row_words(K)
+        prefetch_rows_l2(row_ptrs, it_start * (BLOCK_K // 8), tiles * (BLOCK_K // 8))
     wait_for_inputs(PDL)
 
-    rows = _load_rows(offs_m, M)
     w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, BLOCK_K // 8)[None, :]
     x_ptrs = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -676,7 +681,9 @@ def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     ]
 
 
-def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
+def _gemm_configs(n: int, m: int, k: int, g: int, sms: int, pdl: bool) -> list[dict]:
+    """pdl: for N <= 64 (decode batches, whose steps are the weights' reads) also try a program prefetching
+    all its K tiles into L2 while the previous kernel runs, as the GEMV does, not only its first."""
     if interpreting():
         return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
     if n <= 16:
@@ -697,7 +704,9 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         splits = _splits(tiles, k // bk, sms, n * m, deep=True) if n <= 64 else [1]
         configs += [
-            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
+            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st, PREFETCH=pf)
+            for sk in splits
+            for pf in sorted({1, -(-k // bk // sk) if pdl and n <= 64 else 1})
         ]
     return configs
 
@@ -731,6 +740,7 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         m,
         k,
         split,
+        cfg.get("PREFETCH", 1),
         ONE_BITS,
         G=w.group_size,
         BLOCK_M=cfg["BLOCK_M"],
@@ -738,7 +748,6 @@ def _launch_gemv(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         STAGES=cfg["num_stages"],
         PAIRS=_pairs(x, cfg),
         ASM=not interpreting(),
-        PREFETCH=cfg.get("PREFETCH", 1),
         num_warps=cfg["num_warps"],
         **pdl_launch_args(x.device),
     )
@@ -803,10 +812,11 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         k,
         x.stride(0),
         dest.stride(0),
+        cfg.get("PREFETCH", 0),
         ONE_BITS,
         G=w.group_size,
         **pdl_launch_args(x.device),
-        **cfg,
+        **{k: v for k, v in cfg.items() if k != "PREFETCH"},
     )
     return dest
 
@@ -858,7 +868,8 @@ def w4a16_matmul(
             lambda: (
                 _gemv_configs(m, k, g, sms, x.dtype, pdl_enabled(x.device))
                 if n == 1
-                else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
+                else _gemm_configs(bucket, m, k, g, sms, pdl_enabled(x.device))
+                + _gemv_rows_configs(bucket, m, k, g, sms)
             ),
             run,
             _build,
@@ -881,12 +892,12 @@ def _cold_weights(w: W4Packed) -> Iterator[W4Packed]:
 
 
 def _build(config: dict) -> tuple | None:
-    """What a config compiles to, for the tuner: the GEMVs take their split at run time, and the cuBLAS
-    configs build only the dequantize kernel."""
+    """What a config compiles to, for the tuner: every kernel takes its prefetch depth at run time, the GEMVs
+    their split too, and the cuBLAS configs build only the dequantize kernel."""
     if config.get("DEQUANT"):
         return None
-    split_at_run_time = "BLOCK_N" not in config or config.get("GEMV_ROWS")
-    return tuple(sorted((k, v) for k, v in config.items() if k != "SPLIT_K" or not split_at_run_time))
+    run_time = {"PREFETCH"} | ({"SPLIT_K"} if "BLOCK_N" not in config or config.get("GEMV_ROWS") else set())
+    return tuple(sorted((k, v) for k, v in config.items() if k not in run_time))
 
 
 def _launcher(n: int, config: dict) -> Callable:

@@ -24,10 +24,12 @@ def test_off_where_it_cannot_run(monkeypatch):
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs sm_90 or later"
 )
 @pytest.mark.parametrize("prefetch", [1, 64])
-def test_graph_of_dependent_kernels(prefetch, monkeypatch, rel_err):
-    """Norm, split-K GEMV, SiLU, GEMV, layer after layer: each kernel reads what the one before wrote, and
-    the GEMVs share one split-K workspace. A kernel that read its input early, or wrote the workspace while
-    the previous GEMV still used it, would give garbage in some of the replays."""
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_graph_of_dependent_kernels(tokens, prefetch, monkeypatch, rel_err):
+    """Norm, split-K matmul (the GEMV at one token, the tensor-core kernel at 16), SiLU, matmul, layer after
+    layer: each kernel reads what the one before wrote, and the matmuls share one split-K workspace. A kernel
+    that read its input early, or wrote the workspace while the previous matmul still used it, would give
+    garbage in some of the replays. Both prefetch the weights of their first K tile or of all of them."""
     from perfxllm.kernels import w4a16_matmul as w4
     from perfxllm.kernels.add_rmsnorm import add_rmsnorm
     from perfxllm.kernels.silu_mul import silu_mul
@@ -38,7 +40,14 @@ def test_graph_of_dependent_kernels(prefetch, monkeypatch, rel_err):
     ups = [w4.prepack(random_int4(2 * inter, hidden, 128, seed=i).to("cuda")) for i in range(layers)]
     downs = [w4.prepack(random_int4(hidden, inter, 128, seed=10 + i).to("cuda")) for i in range(layers)]
     norm_w = torch.rand(hidden, device="cuda").half() + 0.5
-    cfg = dict(BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=1, PAIRS=True, PREFETCH=prefetch)
+    if tokens == 1:
+        cfg = dict(
+            BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=1, PAIRS=True, PREFETCH=prefetch
+        )
+    else:
+        cfg = dict(
+            BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3, PREFETCH=prefetch
+        )
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # Triton kernels only, from the first norm on
         h, res = x, torch.zeros_like(x)
@@ -48,7 +57,8 @@ def test_graph_of_dependent_kernels(prefetch, monkeypatch, rel_err):
         return add_rmsnorm(h, res, norm_w, 1e-5)[0]
 
     inputs = [
-        torch.randn(1, hidden, generator=torch.Generator().manual_seed(s)).half().cuda() for s in range(8)
+        torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(s)).half().cuda()
+        for s in range(8)
     ]
     monkeypatch.setenv("PERFXLLM_PDL", "0")
     expected = [forward(x) for x in inputs]

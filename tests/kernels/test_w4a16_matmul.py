@@ -240,22 +240,40 @@ def test_tuner_splits_small_n_deep(monkeypatch):
     (8 for a 12288 x 4096 weight in 64-row tiles), where an H200 found its fastest configs."""
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     for n in (16, 32):
-        splits = {c["SPLIT_K"] for c in mod._gemm_configs(n, 12288, 4096, 128, 132) if c["BLOCK_M"] == 64}
+        configs = mod._gemm_configs(n, 12288, 4096, 128, 132, pdl=True)
+        splits = {c["SPLIT_K"] for c in configs if c["BLOCK_M"] == 64}
         assert {1, 2, 4, 8} <= splits
 
 
 def test_tuner_builds_each_kernel_once(monkeypatch):
-    """The tuner compiles one config per build ahead of timing: the GEMVs take their split at run time (so
-    their splits share a build), the tensor-core kernel as a constant, and the cuBLAS configs build nothing
-    ahead."""
+    """The tuner compiles one config per build ahead of timing: every kernel takes its prefetch depth at run
+    time, the GEMVs their split too (so those share a build), the tensor-core kernel its split as a
+    constant, and the cuBLAS configs build nothing ahead."""
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     gemv = mod._gemv_configs(12288, 4096, 128, 132, torch.float16, pdl=True)
-    assert len({mod._build(c) for c in gemv}) < len(gemv)
     assert len({mod._build(c) for c in gemv}) == len(
-        {(c["BLOCK_M"], c["BLOCK_K"], c["num_warps"], c["num_stages"], c["PREFETCH"]) for c in gemv}
+        {(c["BLOCK_M"], c["BLOCK_K"], c["num_warps"], c["num_stages"]) for c in gemv}
     )
-    gemm = mod._gemm_configs(16, 12288, 4096, 128, 132)
-    assert len({mod._build(c) for c in gemm}) == len(gemm)
+    gemm = mod._gemm_configs(16, 12288, 4096, 128, 132, pdl=True)
+    assert len({mod._build(c) for c in gemm}) == len({mod._build(dict(c, PREFETCH=1)) for c in gemm})
+    assert len({mod._build(c) for c in gemm}) == len(
+        {tuple(sorted(c.items())) for c in gemm if c["PREFETCH"] == 1}
+    )
     rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132)
     assert len({mod._build(c) for c in rows}) < len(rows)
-    assert [mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132) if c.get("DEQUANT")] == [None]
+    assert [
+        mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132, True) if c.get("DEQUANT")
+    ] == [None]
+
+
+def test_tensor_core_candidates_prefetch_for_decode_batches(monkeypatch):
+    """With PDL, at N <= 64 each tensor-core config is tried prefetching its first K tile and all of its
+    program's K tiles (16 at 4096 / 64 split 4 ways); without PDL, and for prefill sizes, only the first."""
+    monkeypatch.setattr(mod, "interpreting", lambda: False)
+
+    def prefetches(n: int, pdl: bool, split: int) -> set[int]:
+        configs = mod._gemm_configs(n, 12288, 4096, 128, 132, pdl)
+        return {c["PREFETCH"] for c in configs if c.get("BLOCK_K") == 64 and c.get("SPLIT_K") == split}
+
+    assert prefetches(32, pdl=True, split=4) == {1, 16}
+    assert prefetches(32, pdl=False, split=4) == prefetches(128, pdl=True, split=1) == {1}
