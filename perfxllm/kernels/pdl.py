@@ -62,22 +62,3 @@ def prefetch_l2(ptrs):
         is_pure=False,
         pack=4,
     )
-
-
-@triton.jit
-def prefetch_rows_l2(row_ptrs, first, count):
-    """Start reading words [first, first + count) of each row into L2, as prefetch_l2 does, but every line:
-    row_ptrs are int32 pointers to the rows' starts (any layout), and each thread issues one
-    `prefetch.global.L2` per row it holds and per 128-byte line of the range (the last word's line too,
-    for a range that does not start on a line)."""
-    if count > 0:
-        for w in range(first, first + count, 32):
-            _prefetch_each(row_ptrs + w)
-        _prefetch_each(row_ptrs + first + count - 1)
-
-
-@triton.jit
-def _prefetch_each(ptrs):
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, prefetch_rows_l2, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait_for_inputs
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
@@ -436,7 +436,7 @@ def _w4_gemv_rows_kernel(
         _finish_split(out, mask, out_ptrs, ws_ptrs, count_ptr + pid_m, split_k)
 
 
-@triton.jit(do_not_specialize=["N", "prefetch_tiles"])
+@triton.jit(do_not_specialize=["N"])
 def _w4_gemm_kernel(
     x_ptr,
     qw_ptr,
@@ -450,7 +450,6 @@ def _w4_gemm_kernel(
     K,
     stride_xn,
     stride_on,
-    prefetch_tiles,  # with PDL: K tiles a program prefetches into L2 before its inputs are ready
     one_bits,
     G: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -470,23 +469,27 @@ def _w4_gemm_kernel(
     mask_n = offs_n < N
 
     it_start, it_end = _split_range(pid_k, SPLIT_K, K, BLOCK_K)
-    rows = _load_rows(offs_m, M)
-    if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
-        tiles = tl.minimum(prefetch_tiles, it_end - it_start)
-        row_ptrs = qw_ptr + rows.to(tl.int64) * _row_words(K)
-        prefetch_rows_l2(row_ptrs, it_start * (BLOCK_K // 8), tiles * (BLOCK_K // 8))
     wait_for_inputs(PDL)
 
+    rows = _load_rows(offs_m, M)
     w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * _row_words(K) + tl.arange(0, BLOCK_K // 8)[None, :]
     x_ptrs = x_ptr + _load_rows(offs_n, N)[:, None].to(tl.int64) * stride_xn + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # Scale and bias are loaded a tile ahead: the pipeliner moves the weight and x tiles through shared
+    # memory, but not these, and each iteration would otherwise wait for their load from DRAM.
+    s, b = _group_scale_bias(
+        s_ptr, b_ptr, tl.minimum(it_start, K // BLOCK_K - 1) * BLOCK_K // G, M, offs_m, mask_m
+    )
     for it in range(it_start, it_end):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + k0 // 8)
-        s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
+        s_next, b_next = _group_scale_bias(
+            s_ptr, b_ptr, tl.minimum(it + 1, it_end - 1) * BLOCK_K // G, M, offs_m, mask_m
+        )
         w = _dequantize(q, s[:, None], b[:, None], one_bits, dtype)
         x = tl.load(x_ptrs + k0)
         acc = tl.dot(w, tl.trans(x), acc)
+        s, b = s_next, b_next
 
     out_ptrs = out_ptr + offs_n[None, :].to(tl.int64) * stride_on + offs_m[:, None]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -681,9 +684,7 @@ def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     ]
 
 
-def _gemm_configs(n: int, m: int, k: int, g: int, sms: int, pdl: bool) -> list[dict]:
-    """pdl: for N <= 64 (decode batches, whose steps are the weights' reads) also try a program prefetching
-    all its K tiles into L2 while the previous kernel runs, as the GEMV does, not only its first."""
+def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
     if interpreting():
         return [dict(BLOCK_N=16, BLOCK_M=32, BLOCK_K=min(64, g), SPLIT_K=1, num_warps=4, num_stages=1)]
     if n <= 16:
@@ -704,9 +705,7 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int, pdl: bool) -> list[d
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
         splits = _splits(tiles, k // bk, sms, n * m, deep=True) if n <= 64 else [1]
         configs += [
-            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st, PREFETCH=pf)
-            for sk in splits
-            for pf in sorted({1, -(-k // bk // sk) if pdl and n <= 64 else 1})
+            dict(BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=st) for sk in splits
         ]
     return configs
 
@@ -812,11 +811,10 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
         k,
         x.stride(0),
         dest.stride(0),
-        cfg.get("PREFETCH", 0),
         ONE_BITS,
         G=w.group_size,
         **pdl_launch_args(x.device),
-        **{k: v for k, v in cfg.items() if k != "PREFETCH"},
+        **cfg,
     )
     return dest
 
@@ -868,8 +866,7 @@ def w4a16_matmul(
             lambda: (
                 _gemv_configs(m, k, g, sms, x.dtype, pdl_enabled(x.device))
                 if n == 1
-                else _gemm_configs(bucket, m, k, g, sms, pdl_enabled(x.device))
-                + _gemv_rows_configs(bucket, m, k, g, sms)
+                else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
             ),
             run,
             _build,
@@ -892,12 +889,12 @@ def _cold_weights(w: W4Packed) -> Iterator[W4Packed]:
 
 
 def _build(config: dict) -> tuple | None:
-    """What a config compiles to, for the tuner: every kernel takes its prefetch depth at run time, the GEMVs
-    their split too, and the cuBLAS configs build only the dequantize kernel."""
+    """What a config compiles to, for the tuner: the GEMVs take their split and prefetch depth at run time,
+    and the cuBLAS configs build only the dequantize kernel."""
     if config.get("DEQUANT"):
         return None
-    run_time = {"PREFETCH"} | ({"SPLIT_K"} if "BLOCK_N" not in config or config.get("GEMV_ROWS") else set())
-    return tuple(sorted((k, v) for k, v in config.items() if k not in run_time))
+    gemv = "BLOCK_N" not in config or config.get("GEMV_ROWS")
+    return tuple(sorted((k, v) for k, v in config.items() if not (gemv and k in ("SPLIT_K", "PREFETCH"))))
 
 
 def _launcher(n: int, config: dict) -> Callable:

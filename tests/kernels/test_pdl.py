@@ -29,7 +29,7 @@ def test_graph_of_dependent_kernels(tokens, prefetch, monkeypatch, rel_err):
     """Norm, split-K matmul (the GEMV at one token, the tensor-core kernel at 16), SiLU, matmul, layer after
     layer: each kernel reads what the one before wrote, and the matmuls share one split-K workspace. A kernel
     that read its input early, or wrote the workspace while the previous matmul still used it, would give
-    garbage in some of the replays. Both prefetch the weights of their first K tile or of all of them."""
+    garbage in some of the replays. The GEMV prefetches its first K tile's weights or all of them."""
     from perfxllm.kernels import w4a16_matmul as w4
     from perfxllm.kernels.add_rmsnorm import add_rmsnorm
     from perfxllm.kernels.silu_mul import silu_mul
@@ -45,9 +45,7 @@ def test_graph_of_dependent_kernels(tokens, prefetch, monkeypatch, rel_err):
             BLOCK_M=64, BLOCK_K=128, SPLIT_K=4, num_warps=4, num_stages=1, PAIRS=True, PREFETCH=prefetch
         )
     else:
-        cfg = dict(
-            BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3, PREFETCH=prefetch
-        )
+        cfg = dict(BLOCK_N=16, BLOCK_M=64, BLOCK_K=64, SPLIT_K=4, num_warps=4, num_stages=3)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # Triton kernels only, from the first norm on
         h, res = x, torch.zeros_like(x)

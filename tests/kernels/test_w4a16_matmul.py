@@ -63,6 +63,16 @@ def test_split_k(split_k, device, rel_err):
     assert_split_workspace_clean(device)
 
 
+@pytest.mark.parametrize(("k", "g", "split_k"), [(160, 32, 4), (256, 64, 3)])
+def test_split_k_scales_a_tile_ahead(k, g, split_k, device, rel_err):
+    """The tensor-core kernel loads each K tile's scale and bias one tile ahead: splits that start inside a
+    group (K tiles of half a group) and a split left with no tile (5 tiles in 4 splits of 2) still use each
+    tile's own group."""
+    cfg = dict(BLOCK_N=16, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    run_case(3, 24, k, g, device, rel_err, config=cfg, seed=7)
+    assert_split_workspace_clean(device)
+
+
 @pytest.mark.parametrize(("n", "block_n", "split_k", "g"), [(2, 2, 1, 128), (3, 4, 3, 32), (8, 8, 2, 64)])
 def test_gemv_over_several_rows(n, block_n, split_k, g, device, rel_err):
     """The GEMV that unpacks each weight tile once for a few rows of x, with padding rows and split K."""
@@ -240,40 +250,21 @@ def test_tuner_splits_small_n_deep(monkeypatch):
     (8 for a 12288 x 4096 weight in 64-row tiles), where an H200 found its fastest configs."""
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     for n in (16, 32):
-        configs = mod._gemm_configs(n, 12288, 4096, 128, 132, pdl=True)
-        splits = {c["SPLIT_K"] for c in configs if c["BLOCK_M"] == 64}
+        splits = {c["SPLIT_K"] for c in mod._gemm_configs(n, 12288, 4096, 128, 132) if c["BLOCK_M"] == 64}
         assert {1, 2, 4, 8} <= splits
 
 
 def test_tuner_builds_each_kernel_once(monkeypatch):
-    """The tuner compiles one config per build ahead of timing: every kernel takes its prefetch depth at run
-    time, the GEMVs their split too (so those share a build), the tensor-core kernel its split as a
-    constant, and the cuBLAS configs build nothing ahead."""
+    """The tuner compiles one config per build ahead of timing: the GEMVs take their split and prefetch depth
+    at run time (so those share a build), the tensor-core kernel its split as a constant, and the cuBLAS
+    configs build nothing ahead."""
     monkeypatch.setattr(mod, "interpreting", lambda: False)
     gemv = mod._gemv_configs(12288, 4096, 128, 132, torch.float16, pdl=True)
     assert len({mod._build(c) for c in gemv}) == len(
         {(c["BLOCK_M"], c["BLOCK_K"], c["num_warps"], c["num_stages"]) for c in gemv}
     )
-    gemm = mod._gemm_configs(16, 12288, 4096, 128, 132, pdl=True)
-    assert len({mod._build(c) for c in gemm}) == len({mod._build(dict(c, PREFETCH=1)) for c in gemm})
-    assert len({mod._build(c) for c in gemm}) == len(
-        {tuple(sorted(c.items())) for c in gemm if c["PREFETCH"] == 1}
-    )
+    gemm = mod._gemm_configs(16, 12288, 4096, 128, 132)
+    assert len({mod._build(c) for c in gemm}) == len(gemm)
     rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132)
     assert len({mod._build(c) for c in rows}) < len(rows)
-    assert [
-        mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132, True) if c.get("DEQUANT")
-    ] == [None]
-
-
-def test_tensor_core_candidates_prefetch_for_decode_batches(monkeypatch):
-    """With PDL, at N <= 64 each tensor-core config is tried prefetching its first K tile and all of its
-    program's K tiles (16 at 4096 / 64 split 4 ways); without PDL, and for prefill sizes, only the first."""
-    monkeypatch.setattr(mod, "interpreting", lambda: False)
-
-    def prefetches(n: int, pdl: bool, split: int) -> set[int]:
-        configs = mod._gemm_configs(n, 12288, 4096, 128, 132, pdl)
-        return {c["PREFETCH"] for c in configs if c.get("BLOCK_K") == 64 and c.get("SPLIT_K") == split}
-
-    assert prefetches(32, pdl=True, split=4) == {1, 16}
-    assert prefetches(32, pdl=False, split=4) == prefetches(128, pdl=True, split=1) == {1}
+    assert [mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132) if c.get("DEQUANT")] == [None]
