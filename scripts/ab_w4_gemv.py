@@ -16,7 +16,6 @@ import inspect
 import json
 import os
 import sys
-import threading
 import time
 from types import ModuleType
 
@@ -49,15 +48,14 @@ def variant(
     def own(q):  # the same layout in the module's own class (its launcher checks the class)
         return mod.W4Packed(**vars(q))
 
+    cold_weight = w4._cold_weights(p)  # this tree's, for a baseline's too
     p = own(p)
-    weights, lock = mod._cold_weights(p), threading.Lock()  # the tuner runs candidates on threads
-
-    def run(c: dict) -> torch.Tensor:
-        with lock:
-            cold = next(weights)
-        return mod.w4a16_matmul(x, cold, config=c)
-
-    cfg = mod._tuner.pick(key, lambda: cands, run, getattr(mod, "_build", repr))  # a baseline may lack it
+    cfg = mod._tuner.pick(  # a baseline may lack _build
+        key,
+        lambda: cands,
+        lambda c: mod.w4a16_matmul(x, own(cold_weight()), config=c),
+        getattr(mod, "_build", repr),
+    )
     errs = []
     for scale in (1.0, 300.0):  # larger x overflows fp16 outputs of K = 4096-11008
         xs = (x.float() * scale).half()

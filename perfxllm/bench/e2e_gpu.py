@@ -170,7 +170,7 @@ def step_breakdown(engine: Engine, batch: int, prompt_len: int) -> dict:
     graphs = engine.runner.graphs
     replay_ms = None
     if graphs is not None:
-        graph = graphs.graphs[next(b for b in graphs.buckets if b >= batch)]
+        graph = graphs.graphs[graphs.bucket(batch)]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(20):

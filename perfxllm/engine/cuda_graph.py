@@ -65,6 +65,10 @@ class CUDAGraphRunner:
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.buckets[-1]
 
+    def bucket(self, batch_size: int) -> int:
+        """The smallest batch size with a graph that holds batch_size rows."""
+        return next(x for x in self.buckets if x >= batch_size)
+
     def run(
         self,
         input_ids: torch.Tensor,
@@ -76,7 +80,7 @@ class CUDAGraphRunner:
         """One decode token for each of B sequences -> logits float32 [B, vocab] (a view into the graph's
         output: read it before the next step)."""
         b = len(input_ids)
-        bucket = next(x for x in self.buckets if x >= b)
+        bucket = self.bucket(b)
         self.input_ids[:b].copy_(input_ids)
         copy_to(self.positions[:b], positions)
         copy_to(self.slot_mapping[:b], slots)

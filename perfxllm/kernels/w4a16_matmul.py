@@ -820,7 +820,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
 
 
 _tuner = DiskTuner("w4a16_matmul")
-_cold_weights_lock = threading.Lock()
+_cold_weights_lock = threading.Lock()  # one for all: an eager call that does not tune builds none
 
 
 def w4a16_matmul(
@@ -854,13 +854,7 @@ def w4a16_matmul(
         )
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
-        weights = _cold_weights(w)
-
-        def run(c: dict) -> torch.Tensor:
-            with _cold_weights_lock:  # the tuner runs configs on several threads
-                cold = next(weights)
-            return _launcher(n, c)(x2, cold, c)
-
+        cold_weight = _cold_weights(w)
         config = _tuner.pick(
             key,
             lambda: (
@@ -868,24 +862,35 @@ def w4a16_matmul(
                 if n == 1
                 else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
             ),
-            run,
+            lambda c: _launcher(n, c)(x2, cold_weight(), c),
             _build,
         )
     return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
 
 
-def _cold_weights(w: W4Packed) -> Iterator[W4Packed]:
-    """For tuning: w and, from the first call on, copies of it in turn, enough that a call never finds its
-    weight in the L2 cache. In a model the other layers' weights pass through L2 between two uses of one;
-    timed on one weight, a 25 MB int4 matrix stayed in the 50 MB L2 and the tuner's picks followed that."""
-    yield w
-    nbytes = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.bias))
-    l2 = torch.cuda.get_device_properties(w.qweight.device).L2_cache_size
-    copies = [w] + [
-        W4Packed(w.qweight.clone(), w.scales.clone(), w.bias.clone(), w.group_size)
-        for _ in range(min(7, -(-2 * l2 // nbytes)))
-    ]
-    yield from itertools.cycle(copies)
+def _cold_weights(w: W4Packed) -> Callable[[], W4Packed]:
+    """For tuning: a function that returns w and, from its second call on, copies of it in turn, enough that
+    a call never finds its weight in the L2 cache. In a model the other layers' weights pass through L2
+    between two uses of one; timed on one weight, a 25 MB int4 matrix stayed in the 50 MB L2 and the tuner's
+    picks followed that. It may be called from several threads (the tuner compiles on a pool)."""
+
+    def weights() -> Iterator[W4Packed]:
+        yield w
+        nbytes = sum(t.numel() * t.element_size() for t in (w.qweight, w.scales, w.bias))
+        l2 = torch.cuda.get_device_properties(w.qweight.device).L2_cache_size
+        copies = [w] + [
+            W4Packed(w.qweight.clone(), w.scales.clone(), w.bias.clone(), w.group_size)
+            for _ in range(min(7, -(-2 * l2 // nbytes)))
+        ]
+        yield from itertools.cycle(copies)
+
+    each = weights()
+
+    def take() -> W4Packed:
+        with _cold_weights_lock:
+            return next(each)
+
+    return take
 
 
 def _build(config: dict) -> tuple | None:

@@ -254,6 +254,24 @@ def test_tuner_splits_small_n_deep(monkeypatch):
         assert {1, 2, 4, 8} <= splits
 
 
+def test_tuner_cold_weights_from_threads(monkeypatch):
+    """The tuner's weights: w first, then w and its copies in turn (enough to overflow twice the L2 cache,
+    at most 7), one to each call, from any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    packed = mod.prepack(random_int4(64, 256, 128))
+    nbytes = sum(t.numel() * t.element_size() for t in (packed.qweight, packed.scales, packed.bias))
+    l2 = SimpleNamespace(L2_cache_size=nbytes)  # two copies' worth: w and 2 copies in the cycle
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: l2)
+    take = mod._cold_weights(packed)
+    assert take() is packed
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: take(), range(30)))
+    assert len(got) == 30 and len({id(w) for w in got}) == 3 and sum(w is packed for w in got) == 10
+    assert all(torch.equal(w.qweight, packed.qweight) for w in got)
+
+
 def test_tuner_builds_each_kernel_once(monkeypatch):
     """The tuner compiles one config per build ahead of timing: the GEMVs take their split and prefetch depth
     at run time (so those share a build), the tensor-core kernel its split as a constant, and the cuBLAS
