@@ -44,6 +44,11 @@ class SamplingParams:
                 raise RequestError(message)
 
     @property
+    def penalized(self) -> bool:
+        """Whether a repetition, presence or frequency penalty changes the logits."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         # As vLLM does: a tiny temperature is greedy anyway, and dividing logits by it overflows to inf.
         return self.temperature < 1e-5

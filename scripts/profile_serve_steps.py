@@ -46,6 +46,32 @@ def host_profile(engine: Engine) -> tuple[list[str], list]:
     return top, outputs
 
 
+def gpu_timeline(engine: Engine, steps: int) -> dict:
+    """`steps` engine steps in a row under torch.profiler, nothing waiting between them: the GPU's span from
+    the first kernel's start to the last one's end, how long some kernel or copy ran (intervals merged),
+    and the longest idle gaps."""
+    cuda = torch.autograd.DeviceType.CUDA
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == cuda)
+    busy, gaps, end = 0.0, [], spans[0][0]
+    for start, stop in spans:
+        if start > end:
+            gaps.append(start - end)
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - spans[0][0]
+    return {
+        "steps": steps,
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_ms": (span - busy) / 1e3,
+        "longest_gaps_us": [round(g, 1) for g in sorted(gaps)[-8:]],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random-weights", default="llama3-8b")
@@ -106,12 +132,15 @@ def main() -> None:
     # at most this many steps of each profile (a run may have no more steps of one kind: with 1024 sequences,
     # none with prompt tokens once the prompts are in)
     kernel_steps, host_steps = 24, 4
+    timeline = None
     start = time.perf_counter()
     while engine.has_unfinished():
         running = len(engine.scheduler.running)
         t0 = time.perf_counter()
         if args.device == "cuda" and len(steps) >= args.profile_after and host_steps:
-            if min(len(p) for p in profiled.values()) < 3 and kernel_steps:  # first the GPU's view
+            if timeline is None:  # first whether the GPU waits between kernels or steps
+                timeline = gpu_timeline(engine, 5)
+            elif min(len(p) for p in profiled.values()) < 3 and kernel_steps:  # then the GPU's view
                 kernel_steps -= 1
                 total, top = kernel_times(engine.step)
                 if len(profiled[launched[-1]]) < 3:
@@ -154,6 +183,7 @@ def main() -> None:
         "other_ms_median": statistics.median(mixed) if mixed else None,
         "other_s_total": sum(mixed) / 1e3,
         "wait_s_total": sum(s["wait_ms"] for s in steps) / 1e3,
+        "timeline": timeline,
         "profiled": profiled,
         "host_top_ms": host,
     }

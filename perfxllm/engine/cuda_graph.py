@@ -17,10 +17,11 @@ from torch import nn
 from perfxllm.kernels._common import copy_to
 from perfxllm.layers.attention import AttentionMetadata, block_table_tensor
 
-# Batch sizes with a graph (and max_num_seqs): above 64 rows, padding is at most a fifth of a bucket, and
-# above 256 (where the matmuls are bound by compute, so padding costs its share of the time) a ninth.
+# Batch sizes with a graph (and max_num_seqs): above 64 rows, padding is at most a fifth of a bucket, above
+# 256 a ninth and above 512 (where the matmuls are bound by compute, so padding costs its share of the time)
+# a seventeenth.
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48)
-BUCKETS += (*range(64, 128, 16), *range(128, 256, 32), *range(256, 512, 32), *range(512, 1025, 64))
+BUCKETS += (*range(64, 128, 16), *range(128, 1025, 32))
 
 
 def capture(
@@ -77,7 +78,7 @@ class CUDAGraphRunner:
         context_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """One decode token for each of B sequences -> logits float32 [B, vocab] (a view into the graph's
+        """One decode token for each of B sequences -> logits [B, vocab] (a view into the graph's
         output: read it before the next step)."""
         b = len(input_ids)
         bucket = self.bucket(b)

@@ -81,7 +81,7 @@ class ModelRunner:
     def run(
         self, batch: ScheduledBatch, drawn: SampledBatch | None = None
     ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Logits float32 [S, vocab] for the S sequences whose step ends on their last token (they sample).
+        """Logits [S, vocab] in the model's dtype for the S sequences whose step ends on their last token (they sample).
         On the GPU the step is only launched: nothing here waits for the device."""
         inputs, sampling = self.prepare(batch, drawn)
         if self.tp is not None:  # the other ranks cannot see the draws: they get the tokens themselves
@@ -164,4 +164,4 @@ def prompt_logits(model: nn.Module, token_ids: list[int], block_size: int = 16) 
         max_context_len=len(token_ids),
     )
     ids = torch.tensor(token_ids, device=device)
-    return model.compute_logits(model(ids, torch.arange(len(token_ids), device=device), meta))
+    return model.compute_logits(model(ids, torch.arange(len(token_ids), device=device), meta)).float()

@@ -47,9 +47,11 @@ class Sampler:
 
     @torch.inference_mode()  # penalties edit the logits in place: the model runner's are inference tensors
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
-        """logits float32 [S, vocab], one row per sequence. On the GPU this only queues the work: the tokens
-        stay on the device for the next step's inputs and copy to the host behind it."""
-        apply_penalties(logits, seqs)
+        """logits [S, vocab] (any float dtype), one row per sequence. On the GPU this only queues the work:
+        the tokens stay on the device for the next step's inputs and copy to the host behind it."""
+        if any(s.params.penalized for s in seqs):
+            logits = logits.float()  # penalties are float32 arithmetic, in place
+            apply_penalties(logits, seqs)
         params = [seq.params for seq in seqs]
         settings = SamplingSettings(
             [0.0 if p.greedy else p.temperature for p in params],
@@ -66,7 +68,7 @@ class Sampler:
         found: list[torch.Tensor] = []
         if wanted:
             rows = to_device(wanted, logits.device)
-            logprobs = torch.log_softmax(logits[rows], dim=-1)
+            logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
             found.append(logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1))
             top_k = max(seqs[i].params.logprobs for i in wanted)
             if top_k:
@@ -115,7 +117,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     groups: dict[tuple[float, float, float], list[int]] = defaultdict(list)
     for i, seq in enumerate(seqs):
         p = seq.params
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        if p.penalized:
             groups[p.repetition_penalty, p.presence_penalty, p.frequency_penalty].append(i)
     for (repetition, presence, frequency), rows in groups.items():
         index = to_device(rows, logits.device)

@@ -18,6 +18,7 @@ them. Softmax in float32.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -166,10 +167,12 @@ def paged_decode_attention(
     scale: float | None = None,
     partitions: int | None = None,
     out: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
 ) -> torch.Tensor:
     """See the module docstring. partitions: the most parts a context is cut into (at most
     max_partitions(Hq, Hkv)); by default enough that the grid fills the GPU twice over. out: an optional
-    contiguous destination shaped and typed like q."""
+    contiguous destination shaped and typed like q. config: the launch's tile and pipeline (scripts/
+    tune_attention.py compares them); by default decode_config()'s."""
     check_tensor("q", q, dtypes=(torch.float16, torch.bfloat16), ndim=3)
     if q.stride(-1) != 1:
         raise ValueError("q must have unit stride in its last dimension")
@@ -191,11 +194,13 @@ def paged_decode_attention(
     check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device, contiguous=True)
     if batch == 0 or max_context_len <= 0:
         return out
-    block_n = 16 if interpreting() else 64
+    config = config or decode_config(batch * hkv, num_sms(q.device))
     most = max_partitions(hq, hkv)
     if partitions is None:
         partitions = min(
-            most, triton.cdiv(2 * num_sms(q.device), batch * hkv), triton.cdiv(max_context_len, block_n)
+            most,
+            triton.cdiv(2 * num_sms(q.device), batch * hkv),
+            triton.cdiv(max_context_len, config.block_n),
         )
     if not 1 <= partitions <= most:
         raise ValueError(
@@ -228,14 +233,35 @@ def paged_decode_attention(
         D=d,
         BS=block_size,
         BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
-        BLOCK_N=block_n,
+        BLOCK_N=config.block_n,
         BLOCK_G=triton.next_power_of_2(hq // hkv),
         BLOCK_P=triton.next_power_of_2(partitions),
-        num_warps=4,
-        num_stages=1 if interpreting() else 3,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
         **pdl_launch_args(q.device),
     )
     return out
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # keys a loop iteration takes
+    num_warps: int
+    num_stages: int
+
+
+def decode_config(programs: int, sms: int) -> DecodeConfig:
+    """The launch for `programs` (sequence, kv head) pairs, from scripts/tune_attention.py on an H200
+    (benchmarks/results/tune-attention-h200.json): where contexts are cut into parts (fewer pairs than
+    twice the SMs) a program has a few key tiles, and pipelining them only delays the first (batch 1 at
+    4,096 tokens: 24.1 us against 29.1); long single parts take 128 keys a tile where the grid is large
+    (Llama-3-8B shape, 256 sequences: 95.7 against 105.8 us) and 64 where it is not (Llama-2-7B shape,
+    32 sequences: 75.3 against 78.4 us)."""
+    if interpreting():
+        return DecodeConfig(16, 4, 1)
+    if programs < 2 * sms:
+        return DecodeConfig(128, 4, 1)
+    return DecodeConfig(128, 4, 3) if programs >= 2048 else DecodeConfig(64, 4, 3)
 
 
 def paged_decode_attention_ref(

@@ -21,6 +21,7 @@ Shapes and dtypes:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -98,15 +99,28 @@ def _prefill_attention_kernel(
         )
 
 
-def block_q() -> int:
-    """Queries per program: the tile of prefill_tiles."""
-    return 16 if interpreting() else 64
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_q: int  # queries a program takes: the tile of prefill_tiles
+    block_n: int  # keys a loop iteration takes
+    num_warps: int
+    num_stages: int
 
 
-def prefill_tiles(query_lens: list[int], first: int = 0, capacity: int | None = None) -> list[int]:
+def prefill_config() -> PrefillConfig:
+    """From scripts/tune_attention.py on an H200 (tune-attention-h200.json): two stages rather than three
+    gave 322 against 325 us for 16,384 tokens of ~250-token prompts and 518 against 529 us for one of 4,096
+    (32-key tiles: 294 and 538 us; 128-query tiles: 336 and 509)."""
+    return PrefillConfig(16, 16, 4, 1) if interpreting() else PrefillConfig(64, 64, 4, 2)
+
+
+def prefill_tiles(
+    query_lens: list[int], first: int = 0, capacity: int | None = None, block_q: int | None = None
+) -> list[int]:
     """The tiles of sequences first.. as a flat list (sequence, first new token, ...), padded with empty
-    slots (-1, 0) up to `capacity` tiles. Sequences before `first` get none (the decode kernel has them)."""
-    bq = block_q()
+    slots (-1, 0) up to `capacity` tiles. Sequences before `first` get none (the decode kernel has them).
+    block_q: the queries of a tile, prefill_config()'s by default."""
+    bq = block_q or prefill_config().block_q
     tiles = [x for b in range(first, len(query_lens)) for q0 in range(0, query_lens[b], bq) for x in (b, q0)]
     if capacity is not None:
         if len(tiles) > 2 * capacity:
@@ -132,9 +146,12 @@ def prefill_attention(
     tiles: torch.Tensor,
     scale: float | None = None,
     out: torch.Tensor | None = None,
+    config: PrefillConfig | None = None,
 ) -> torch.Tensor:
     """The attention launch alone, on rotated q [T, Hq, D] with this chunk's K/V already in the cache.
-    out: an optional contiguous destination shaped and typed like q (rows no tile covers are left alone)."""
+    out: an optional contiguous destination shaped and typed like q (rows no tile covers are left alone).
+    config: the launch's tiles and pipeline, prefill_config() by default; tiles must be made with its
+    block_q."""
     check_tensor("q", q_rot, ndim=3, contiguous=True)
     t, hq, d = q_rot.shape
     check_tensor("k_cache", k_cache, dtypes=(q_rot.dtype,), ndim=4, device=q_rot.device, contiguous=True)
@@ -159,7 +176,7 @@ def prefill_attention(
     check_tensor("out", out, dtypes=(q_rot.dtype,), shape=(t, hq, d), device=q_rot.device, contiguous=True)
     if t == 0 or tiles.shape[0] == 0:
         return out
-    block_n, warps = (16, 4) if interpreting() else (64, 4)
+    config = config or prefill_config()
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     _prefill_attention_kernel[(tiles.shape[0], hq)](
         q_rot,
@@ -176,10 +193,10 @@ def prefill_attention(
         HKV=hkv,
         D=d,
         BS=block_size,
-        BLOCK_Q=block_q(),
-        BLOCK_N=block_n,
-        num_warps=warps,
-        num_stages=1 if interpreting() else 3,
+        BLOCK_Q=config.block_q,
+        BLOCK_N=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
         **pdl_launch_args(q_rot.device),
     )
     return out

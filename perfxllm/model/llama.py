@@ -128,6 +128,8 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [B, hidden] -> float32 logits [B, vocab]."""
-        logits = self.lm_head(hidden).float()
+        """hidden [B, hidden] -> logits [B, vocab] in the model's dtype: greedy decoding takes the argmax of
+        those as they are (the float32 copy of a 1000-row batch's fp16 logits took 0.4 ms a step on an H200);
+        the sampler widens what it samples from, penalises or reports."""
+        logits = self.lm_head(hidden)
         return logits if self.tp is None else self.tp.gather_vocab(logits, self.config.vocab_size)

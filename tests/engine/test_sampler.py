@@ -55,6 +55,39 @@ def test_greedy_is_argmax():
     assert [s.token_id for s in samples] == logits.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize("penalised", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_give_the_float32_tokens_logprobs_and_penalties(dtype, penalised):
+    """The GPU's logits stay in the model's dtype: greedy rows take their argmax as they are, penalties and
+    logprobs work on a float32 copy, so every result equals the float32 logits' (and the input is left
+    alone)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (4 * torch.randn(6, 300, generator=g)).to(dtype)
+    logits[0, 7] = logits[0, 9] = logits[0].max() + 1  # a tie: the first index wins, as in float32
+    before = logits.clone()
+
+    def seqs():
+        plain = [seq([5], [11, 11], rid="p", temperature=0.0), seq([2], [4], rid="q", temperature=0.0)]
+        penalties = [
+            seq([5], [11, 11], rid="p", temperature=0.0, frequency_penalty=0.7, repetition_penalty=1.3),
+            seq([2], [4], rid="q", temperature=0.0, presence_penalty=1.5),
+        ]
+        return [
+            seq(rid="greedy", temperature=0.0),
+            seq(rid="logprobs", temperature=0.0, logprobs=3),
+            seq(rid="seeded", temperature=0.8, top_k=20, seed=3),
+            seq(rid="greedy2", temperature=0.0),
+            *(penalties if penalised else plain),
+        ]
+
+    got = sampler()(logits, seqs()).samples()
+    want = sampler()(logits.float(), seqs()).samples()
+    assert torch.equal(logits, before)
+    assert [s.token_id for s in got] == [s.token_id for s in want]
+    assert got[0].token_id == 7
+    assert got[1].logprob == want[1].logprob and got[1].top_logprobs == want[1].top_logprobs
+
+
 def test_default_temperature_samples():
     tokens = draws(LOGP)
     assert len(set(tokens.tolist())) == 4  # not greedy

@@ -12,8 +12,8 @@ from perfxllm.kernels.paged_decode_attention import (
     paged_decode_attention_ref,
 )
 from perfxllm.kernels.rope_attention_prefill import (
-    block_q,
     prefill_attention,
+    prefill_config,
     prefill_tiles,
     rope_attention_prefill,
     rope_attention_prefill_ref,
@@ -99,7 +99,7 @@ def test_decode(hq, hkv, d, partitions, device, rel_err):
 
 
 def test_prefill_tiles():
-    bq = block_q()
+    bq = prefill_config().block_q
     lens = [1, 1, bq + 3, 2 * bq, 1]
     assert prefill_tiles(lens, first=2) == [2, 0, 2, bq, 3, 0, 3, bq, 4, 0]
     assert prefill_tiles([bq], capacity=3) == [0, 0, -1, 0, -1, 0]
@@ -122,7 +122,7 @@ def test_prefill_skips_empty_tiles_and_rows_without_tiles(device, rel_err):
     ref = paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), meta, d**-0.5)
     cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
     cached_t = torch.tensor(cached, dtype=torch.int32)
-    bq = block_q()
+    bq = prefill_config().block_q
     tiles = [x for b in (1, 3) for q0 in range(0, new[b], bq) for x in (b, q0)] + [-1, 0] * 3
     dev = [x.to(device) for x in (q, k_cache, v_cache, cu, cached_t, tables)]
     tiles_t = torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2)
