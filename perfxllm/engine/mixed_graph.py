@@ -1,12 +1,8 @@
 """Steps with prompt tokens (a prefill, or prompt chunks beside decodes) replayed from CUDA graphs: one graph
-per token-count bucket up to max_num_batched_tokens (at most MAX_GRAPH_TOKENS), over static buffers sized for
-the largest bucket and batch.
+per token-count bucket up to MAX_TOKENS, over static buffers sized for the largest bucket and batch.
 
 Run eagerly, such a step costs the host about as much as the GPU (some 350 kernel launches for 32 layers,
-each behind Python), so a step of a few hundred tokens waited on its launches. Larger steps waited too: a
-cuBLAS call blocks the host once a step's launches fill the stream's queue (16,384-token steps of a
-Llama-3-8B shape on an H200: 2.5 ms of host time in each matmul, the GPU's own time), so the host's work
-between two steps left the GPU idle 3-6% of the time; a graph's replay is one launch. The graph holds one grid for
+each behind Python), so a step of a few hundred tokens waited on its launches. The graph holds one grid for
 any batch that fits: flash-decoding over the bucket's first min(max_seqs, tokens) rows, where rows that are
 not decodes have context 0 and are skipped, and prefill attention over a tile table padded with empty
 tiles. Padding tokens write no cache slot (slot -1). The graph ends at the hidden states of the sampling
@@ -25,8 +21,7 @@ from perfxllm.engine.model_runner import StepInputs
 from perfxllm.kernels._common import copy_to
 from perfxllm.layers.attention import AttentionMetadata, PrefillLayout, block_table_tensor, leading_decodes
 
-MAX_GRAPH_TOKENS = 16384  # larger steps run eagerly: each bucket costs a capture at start-up
-BUCKETS = (64, 128, 256, 384, 512, 768, *range(1024, MAX_GRAPH_TOKENS + 1, 1024))
+BUCKETS = (64, 128, 256, 384, 512, 768, 1024)
 DECODE_PARTS = 16
 
 
@@ -46,7 +41,7 @@ class MixedGraphRunner:
 
         device = model.cos_sin_cache.device
         self.model, self.max_seqs, self.max_model_len = model, max_seqs, max_model_len
-        self.buckets = sorted({t for t in BUCKETS if t < max_tokens} | {min(max_tokens, MAX_GRAPH_TOKENS)})
+        self.buckets = sorted({t for t in BUCKETS if t < max_tokens} | {min(max_tokens, BUCKETS[-1])})
         t, b = self.buckets[-1], max_seqs
         self.block_q = prefill_config().block_q
         # Sized for the grid's rows, flash-decoding would give a few long-context decodes one part each; a
