@@ -81,8 +81,8 @@ class ModelRunner:
     def run(
         self, batch: ScheduledBatch, drawn: SampledBatch | None = None
     ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Logits [S, vocab] in the model's dtype for the S sequences whose step ends on their last token (they sample).
-        On the GPU the step is only launched: nothing here waits for the device."""
+        """Logits [S, vocab] in the model's dtype for the S sequences whose step ends on their last token
+        (they sample). On the GPU the step is only launched: nothing here waits for the device."""
         inputs, sampling = self.prepare(batch, drawn)
         if self.tp is not None:  # the other ranks cannot see the draws: they get the tokens themselves
             tokens = drawn.tokens.tolist() if inputs.pending else []
