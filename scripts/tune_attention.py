@@ -118,10 +118,14 @@ def run_decode(w: dict, grid: list[DecodeConfig]) -> dict:
     ref = paged_decode_attention_ref(q, kc, vc, tables, cl)
     default = paged_decode_attention(q, kc, vc, tables, cl, max_len)
     err = _rel_err(default, ref)
+    sms = num_sms(q.device)
+    default_cfg = decode_config(batch * hkv, sms)
 
     def call(cfg: DecodeConfig, parts: int | None):
         return rotate(
-            lambda q, kc, vc, t, c: paged_decode_attention(q, kc, vc, t, c, max_len, None, parts, None, cfg)
+            lambda q, kc, vc, t, c: paged_decode_attention(
+                q, kc, vc, t, c, max_len, partitions=parts, config=cfg
+            )
         )
 
     _compile_all(grid, lambda cfg: call(cfg, None)(), lambda cfg: cfg)
@@ -134,7 +138,7 @@ def run_decode(w: dict, grid: list[DecodeConfig]) -> dict:
             continue
         rows.append({**asdict(cfg), "partitions": None, "us": timed(call(cfg, None)), "err_vs_default": e})
     rows.sort(key=lambda r: r["us"])
-    if batch * hkv < 264:  # the part count matters where the sequences alone do not fill the GPU
+    if batch * hkv < 2 * sms:  # the part count matters where the sequences alone do not fill the GPU
         most = max_partitions(hq, hkv)
         for r in rows[:3]:
             cfg = DecodeConfig(r["block_n"], r["num_warps"], r["num_stages"])
@@ -147,7 +151,7 @@ def run_decode(w: dict, grid: list[DecodeConfig]) -> dict:
                     {**asdict(cfg), "partitions": parts, "us": timed(call(cfg, parts)), "err_vs_default": e}
                 )
         rows.sort(key=lambda r: r["us"])
-    default_us = timed(call(decode_config(batch * hkv, num_sms(q.device)), None))
+    default_us = timed(call(default_cfg, None))
     gbps = nbytes / (rows[0]["us"] * 1e3)
     print(
         f"  {w['name']}: default {default_us:.2f} us, best {rows[0]['us']:.2f} us {rows[0]} ({gbps:.0f} GB/s)",
@@ -160,11 +164,7 @@ def run_decode(w: dict, grid: list[DecodeConfig]) -> dict:
         "hkv": hkv,
         "tokens": sum(lens),
         "kv_bytes": nbytes,
-        "default": {
-            **asdict(decode_config(batch * hkv, num_sms(q.device))),
-            "us": default_us,
-            "err_vs_ref": err,
-        },
+        "default": {**asdict(default_cfg), "us": default_us, "err_vs_ref": err},
         "rows": rows,
     }
 

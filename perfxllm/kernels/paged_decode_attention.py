@@ -194,13 +194,12 @@ def paged_decode_attention(
     check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device, contiguous=True)
     if batch == 0 or max_context_len <= 0:
         return out
-    config = config or decode_config(batch * hkv, num_sms(q.device))
+    sms = num_sms(q.device)
+    config = config or decode_config(batch * hkv, sms)
     most = max_partitions(hq, hkv)
     if partitions is None:
         partitions = min(
-            most,
-            triton.cdiv(2 * num_sms(q.device), batch * hkv),
-            triton.cdiv(max_context_len, config.block_n),
+            most, triton.cdiv(2 * sms, batch * hkv), triton.cdiv(max_context_len, config.block_n)
         )
     if not 1 <= partitions <= most:
         raise ValueError(

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from perfxllm.kernels.paged_decode_attention import (
+    DecodeConfig,
     max_partitions,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
 from perfxllm.kernels.rope_attention_prefill import (
+    PrefillConfig,
     prefill_attention,
     prefill_config,
     prefill_tiles,
@@ -96,6 +98,44 @@ def test_decode(hq, hkv, d, partitions, device, rel_err):
         ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)
         out = paged_decode_attention(q.to(device), *dev, max(lens), partitions=partitions)
         assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("config", [PrefillConfig(32, 32, 4, 2), PrefillConfig(16, 64, 8, 3)])
+def test_prefill_launch_configs(config, device, rel_err):
+    """Other tiles than the default's (queries a program, keys an iteration), with tiles made for them."""
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, cached, new = 4, 2, 32, [0, 5, 9], [40, 3, 18]
+    batch, t = len(new), sum(new)
+    k_cache, v_cache, tables = make_paged(batch, [c + n for c, n in zip(cached, new)], hkv, d, gen)
+    q, k, v = (torch.randn(t, h, d, generator=gen).half() for h in (hq, hkv, hkv))
+    positions = torch.cat([c + torch.arange(n) for c, n in zip(cached, new)])
+    slots = slots_of(tables, torch.repeat_interleave(torch.arange(batch), torch.tensor(new)), positions)
+    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
+    cached_t = torch.tensor(cached, dtype=torch.int32)
+    cs = rope_cos_sin_cache(d, 64, 10000.0)
+    ref = rope_attention_prefill_ref(q, k, v, positions, cs, k_cache, v_cache, cu, cached_t, tables)
+    q, k, v, positions, cs, kc, vc, slots, cu, cached_t, tables = (
+        x.to(device) for x in (q, k, v, positions, cs, k_cache, v_cache, slots, cu, cached_t, tables)
+    )
+    q_rot = rope_cache_write(q, k, v, positions, cs, kc, vc, slots)
+    tiles = torch.tensor(prefill_tiles(new, block_q=config.block_q), dtype=torch.int32, device=device)
+    out = prefill_attention(q_rot, kc, vc, cu, cached_t, tables, tiles.view(-1, 2), config=config)
+    assert rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("config", [DecodeConfig(32, 2, 1), DecodeConfig(128, 4, 3)])
+@pytest.mark.parametrize("partitions", [None, 3])
+def test_decode_launch_configs(config, partitions, device, rel_err):
+    """Other key tiles, warps and stages than the default's: the part lengths follow the tile."""
+    gen = torch.Generator().manual_seed(5)
+    hq, hkv, d, lens = 8, 2, 32, [1, 17, 70, 300]
+    k_cache, v_cache, tables = make_paged(len(lens), lens, hkv, d, gen, num_blocks=512)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(len(lens), hq, d, generator=gen).half()
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, ctx)
+    dev = [x.to(device) for x in (q, k_cache, v_cache, tables, ctx)]
+    out = paged_decode_attention(*dev, max(lens), partitions=partitions, config=config)
+    assert rel_err(out, ref) < TOL
 
 
 def test_prefill_tiles():
