@@ -24,6 +24,11 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48)
 BUCKETS += (*range(64, 128, 16), *range(128, 1025, 32))
 
 
+def buckets_up_to(limit: int) -> list[int]:
+    """The BUCKETS below limit, every 256 above the last of them, and limit."""
+    return [b for b in BUCKETS if b < limit] + list(range(BUCKETS[-1] + 256, limit, 256)) + [limit]
+
+
 def capture(
     buckets: list[int], forward: Callable[[int], torch.Tensor], device: torch.device
 ) -> tuple[dict[int, torch.cuda.CUDAGraph], dict[int, torch.Tensor]]:
@@ -43,7 +48,7 @@ class CUDAGraphRunner:
     def __init__(self, model: nn.Module, max_batch: int, max_model_len: int, block_size: int) -> None:
         device = model.cos_sin_cache.device
         self.model, self.max_model_len = model, max_model_len
-        self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
+        self.buckets = buckets_up_to(max_batch)
         n, max_blocks = self.buckets[-1], -(-max_model_len // block_size)
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)

@@ -15,7 +15,7 @@ from torch import nn
 from perfxllm.engine import cpu_graph
 from perfxllm.engine.block_manager import BlockManager
 from perfxllm.engine.config import EngineConfig
-from perfxllm.engine.cuda_graph import CUDAGraphRunner
+from perfxllm.engine.cuda_graph import CUDAGraphRunner, buckets_up_to
 from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
@@ -92,7 +92,8 @@ def make_runner(
         )
     elif not config.enforce_eager and weight.device.type == "cpu" and cpu_graph.supports(model):
         graphs = cpu_graph.CPUGraphRunner(model, config.max_num_seqs)
-    return ModelRunner(model, config.block_size, weight.device, graphs, tp, mixed)
+    logit_sizes = buckets_up_to(config.max_num_seqs) if weight.device.type == "cuda" else None
+    return ModelRunner(model, config.block_size, weight.device, graphs, tp, mixed, logit_sizes)
 
 
 class Engine:
@@ -115,12 +116,13 @@ class Engine:
         if self.tp is not None:
             self.tp.broadcast(num_blocks)
         self.runner = make_runner(self.model, config, num_blocks, self.max_model_len, self.tp)
-        # a tensor-parallel group would have to run it on every rank together
-        if runs_on_kernels(self.model.layers[0].input_layernorm.weight) and self.tp is None:
-            largest = warm_up_inputs(
-                config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size
-            )
-            self.runner.execute(largest)
+        if self.tp is None:  # a tensor-parallel group would have to run these on every rank together
+            if runs_on_kernels(self.model.layers[0].input_layernorm.weight):
+                largest = warm_up_inputs(
+                    config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len, config.block_size
+                )
+                self.runner.execute(largest)
+            self.runner.warm_up_logits()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(self.device, config.seed)

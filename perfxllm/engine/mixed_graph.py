@@ -6,7 +6,7 @@ each behind Python), so a step of a few hundred tokens waited on its launches. T
 any batch that fits: flash-decoding over the bucket's first min(max_seqs, tokens) rows, where rows that are
 not decodes have context 0 and are skipped, and prefill attention over a tile table padded with empty
 tiles. Padding tokens write no cache slot (slot -1). The graph ends at the hidden states of the sampling
-rows; lm_head runs after it on exactly those rows.
+rows; lm_head runs after it (ModelRunner.execute).
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ class MixedGraphRunner:
         return num_tokens <= self.buckets[-1] and num_seqs <= self.max_seqs
 
     def run(self, input_ids: torch.Tensor, inputs: StepInputs) -> torch.Tensor:
-        """The step's logits [S, vocab], S = len(inputs.logit_rows); input_ids on the device."""
+        """The hidden states [max_seqs, hidden] of the step's S = len(inputs.logit_rows) sampling rows, then
+        of the first token's row (padding); input_ids on the device."""
         from perfxllm.kernels.rope_attention_prefill import prefill_tiles
 
         t, lens = len(inputs.input_ids), inputs.query_lens
@@ -112,7 +113,5 @@ class MixedGraphRunner:
         copy_to(self.block_tables[: len(lens), : tables.shape[1]], tables)
         if self.graphs:
             self.graphs[bucket].replay()
-            hidden = self.hidden[bucket]
-        else:
-            hidden = self._forward(bucket)
-        return self.model.compute_logits(hidden[: len(inputs.logit_rows)])
+            return self.hidden[bucket]
+        return self._forward(bucket)

@@ -46,10 +46,17 @@ class ModelRunner:
         graphs: CUDAGraphRunner | CPUGraphRunner | None = None,
         tp: TPGroup | None = None,
         mixed_graphs: MixedGraphRunner | None = None,
+        logit_sizes: list[int] | None = None,
     ) -> None:
+        """logit_sizes: row counts (ascending) that the sampling rows of a step run outside the decode graphs
+        are padded to for lm_head, each run once by warm_up_logits. On the GPU cuBLAS picks lm_head's kernel
+        by the row count, and the first launch of a kernel not loaded yet (CUDA loads them lazily) waits for
+        the GPU to drain: with a new count in most steps with prompt tokens, the host could not prepare the
+        next step while the GPU ran this one. None: exactly the sampling rows."""
         self.model, self.block_size, self.device, self.graphs = model, block_size, device, graphs
         self.mixed_graphs = mixed_graphs  # steps with prompt tokens, on the GPU
         self.tp = tp  # set on rank 0 of a tensor-parallel group: it broadcasts each step to the others
+        self.logit_sizes = logit_sizes
 
     def prepare(
         self, batch: ScheduledBatch, drawn: SampledBatch | None = None
@@ -109,18 +116,31 @@ class ModelRunner:
                 if len(inputs.logit_rows) == len(logits)
                 else logits[to_device(inputs.logit_rows, self.device)]
             )
+        rows = len(inputs.logit_rows)
+        padded = rows if self.logit_sizes is None else next(s for s in self.logit_sizes if s >= rows)
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
-            return self.mixed_graphs.run(ids, inputs)
+            hidden = self.mixed_graphs.run(ids, inputs)[:padded]
+        else:
+            meta = AttentionMetadata(
+                query_lens=inputs.query_lens,
+                context_lens=to_device(inputs.context_lens, self.device, torch.int32),
+                slot_mapping=to_device(inputs.slots, self.device),
+                block_tables=block_table_tensor(inputs.block_tables, self.device),
+                max_context_len=max(inputs.context_lens),
+            )
+            hidden = self.model(ids, to_device(inputs.positions, self.device), meta)
+            logit_rows = inputs.logit_rows + inputs.logit_rows[:1] * (padded - rows)
+            hidden = hidden[to_device(logit_rows, self.device)]
+        return self.model.compute_logits(hidden)[:rows]
 
-        meta = AttentionMetadata(
-            query_lens=inputs.query_lens,
-            context_lens=to_device(inputs.context_lens, self.device, torch.int32),
-            slot_mapping=to_device(inputs.slots, self.device),
-            block_tables=block_table_tensor(inputs.block_tables, self.device),
-            max_context_len=max(inputs.context_lens),
-        )
-        hidden = self.model(ids, to_device(inputs.positions, self.device), meta)
-        return self.model.compute_logits(hidden[to_device(inputs.logit_rows, self.device)])
+    @torch.inference_mode()
+    def warm_up_logits(self) -> None:
+        """Run lm_head at every padded row count (see __init__), so no step loads its kernel."""
+        if self.logit_sizes:
+            norm = self.model.norm.weight
+            hidden = norm.new_zeros(self.logit_sizes[-1], norm.shape[0])
+            for size in self.logit_sizes:
+                self.model.compute_logits(hidden[:size])
 
 
 def warm_up_inputs(num_tokens: int, max_seqs: int, max_model_len: int, block_size: int) -> StepInputs:

@@ -5,6 +5,7 @@ forward runs without capture, its attention on the Triton kernels under the inte
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ pytest.importorskip("triton")
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.engine.mixed_graph import MixedGraphRunner
-from perfxllm.engine.model_runner import warm_up_inputs
+from perfxllm.engine.model_runner import StepInputs, warm_up_inputs
+from perfxllm.engine.sequence import Sequence
 from perfxllm.layers import attention
 from perfxllm.sampling_params import SamplingParams
 
@@ -28,12 +30,12 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
-@pytest.mark.parametrize("second_prompt", [10, 40])  # 10: 33 tokens padded to 48; 40: a chunk of 25
-def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeypatch, second_prompt):
+def engine_at_mixed_step(model: Path, second_prompt: int) -> tuple[Engine, StepInputs, list[Sequence]]:
+    """Three sequences decoding beside a new prompt of 20 tokens and one of second_prompt tokens."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     engine = Engine(
         EngineConfig(
-            model=str(tiny_llama),
+            model=str(model),
             device=device,
             dtype="float16",
             enforce_eager=True,
@@ -52,7 +54,12 @@ def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeyp
     inputs, sampling = engine.runner.prepare(batch)
     assert inputs.query_lens[:3] == [1, 1, 1] and len(inputs.query_lens) == 5
     assert len(sampling) == (5 if second_prompt == 10 else 4)
+    return engine, inputs, sampling
 
+
+@pytest.mark.parametrize("second_prompt", [10, 40])  # 10: 33 tokens padded to 48; 40: a chunk of 25
+def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeypatch, second_prompt):
+    engine, inputs, sampling = engine_at_mixed_step(tiny_llama, second_prompt)
     reference = engine.runner.execute(inputs)  # the torch path on the CPU
     monkeypatch.setattr(attention, "runs_on_kernels", lambda x: True)
     monkeypatch.setattr(attention.decode_ops_cpu, "available", lambda q: False)
@@ -68,11 +75,42 @@ def test_mixed_step_through_static_buffers_equals_eager_step(tiny_llama, monkeyp
         -1, *engine.model.layers[0].self_attn.k_cache.shape[2:]
     )
     kept = k_cache[first_slot].clone()
-    static = mixed.run(torch.tensor(inputs.input_ids), inputs)
+    static = engine.model.compute_logits(mixed.run(torch.tensor(inputs.input_ids), inputs)[: len(sampling)])
     assert torch.equal(k_cache[first_slot], kept)
     assert static.shape == eager.shape == (len(sampling), engine.model_config.vocab_size)
     assert rel_err(eager, reference) < 3e-3
     assert rel_err(static, eager) < 1e-3
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sampling_rows_padded_to_warmed_up_sizes_give_the_same_logits(tiny_llama, monkeypatch, static):
+    """On the GPU lm_head runs over a step's sampling rows padded to one of a few counts, each run once at
+    start-up (a count new to cuBLAS can load a kernel, which waits for the GPU): the rows' logits are those
+    of the unpadded step, eager and through the mixed-step buffers."""
+    engine, inputs, sampling = engine_at_mixed_step(tiny_llama, 10)
+    runner = engine.runner
+    runner.logit_sizes = None
+    reference = runner.execute(inputs)
+    if static:
+        monkeypatch.setattr(attention, "runs_on_kernels", lambda x: True)
+        monkeypatch.setattr(attention.decode_ops_cpu, "available", lambda q: False)
+        runner.mixed_graphs = MixedGraphRunner(
+            engine.model, 6, MAX_TOKENS, engine.max_model_len, engine.config.block_size, capture=False
+        )
+    rows_run: list[int] = []
+    compute_logits = engine.model.compute_logits
+    monkeypatch.setattr(
+        engine.model, "compute_logits", lambda h: rows_run.append(len(h)) or compute_logits(h)
+    )
+    runner.logit_sizes = [2, 6]
+    padded = runner.execute(inputs)
+    assert rows_run == [6] and padded.shape == reference.shape == (
+        len(sampling),
+        engine.model_config.vocab_size,
+    )
+    assert rel_err(padded, reference) < (1e-3 if static else 1e-6)
+    runner.warm_up_logits()
+    assert rows_run == [6, 2, 6]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
