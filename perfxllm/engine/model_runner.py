@@ -143,6 +143,16 @@ class ModelRunner:
                 self.model.compute_logits(hidden[:size])
 
 
+def warm_up_token_counts(max_tokens: int, graph_tokens: int) -> list[int]:
+    """Token counts of the start-up steps, largest first: max_tokens, and each power of two between it and
+    graph_tokens (the most a mixed-step graph holds; 0 without them: their capture runs the smaller counts).
+    An int4 matmul tunes its blocks for each power of two of tokens it meets, and cuBLAS loads a kernel on
+    its first use, waiting for the GPU to drain: both belong at start-up, not in a served step."""
+    return [max_tokens] + [
+        1 << i for i in reversed(range(max_tokens.bit_length())) if graph_tokens < 1 << i < max_tokens
+    ]
+
+
 def warm_up_inputs(num_tokens: int, max_seqs: int, max_model_len: int, block_size: int) -> StepInputs:
     """A step of num_tokens prompt tokens in prompts of about 256 (as many as max_seqs allows) that writes
     no cache slot: running it once at start-up moves the first-use costs of the largest steps (kernel

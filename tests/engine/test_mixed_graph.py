@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.engine.mixed_graph import MixedGraphRunner
-from perfxllm.engine.model_runner import StepInputs, warm_up_inputs
+from perfxllm.engine.model_runner import StepInputs, warm_up_inputs, warm_up_token_counts
 from perfxllm.engine.sequence import Sequence
 from perfxllm.layers import attention
 from perfxllm.sampling_params import SamplingParams
@@ -161,6 +161,30 @@ def test_many_steps_of_different_buckets_follow_the_eager_engine(tiny_llama, mon
     assert len(static_logits) == len(eager_logits)
     for a, b in zip(static_logits, eager_logits):
         assert a.shape == b.shape and (not a.numel() or rel_err(a, b) < 1e-3)
+
+
+def test_warm_up_steps_cover_each_power_of_two_of_tokens_above_the_graphs():
+    """Every step larger than the mixed-step graphs rounds up (as an int4 matmul buckets its tokens) to a
+    count run at start-up."""
+    assert warm_up_token_counts(16384, 1024) == [16384, 8192, 4096, 2048]
+    assert warm_up_token_counts(3000, 1024) == [3000, 2048]
+    assert warm_up_token_counts(2048, 1024) == [2048]
+    assert warm_up_token_counts(512, 512) == [512]
+    assert warm_up_token_counts(16, 0) == [16, 8, 4, 2, 1]  # no graphs: every count down to one token
+
+
+def test_engine_on_the_kernels_runs_the_warm_up_steps_at_start(tiny_llama, monkeypatch):
+    from perfxllm.engine import engine as engine_module
+    from perfxllm.engine.model_runner import ModelRunner
+
+    steps: list[int] = []
+    monkeypatch.setattr(engine_module, "runs_on_kernels", lambda x: True)
+    monkeypatch.setattr(ModelRunner, "execute", lambda self, inputs: steps.append(len(inputs.input_ids)))
+    config = EngineConfig(
+        model=str(tiny_llama), enforce_eager=True, max_num_seqs=3, max_num_batched_tokens=300
+    )
+    Engine(config)
+    assert steps == [300, 256, 128, 64, 32, 16, 8, 4, 2, 1]  # no graphs (enforce_eager): every power of two
 
 
 def test_warm_up_step_writes_no_cache_slot(tiny_llama, monkeypatch):
