@@ -117,7 +117,8 @@ class ModelRunner:
                 else logits[to_device(inputs.logit_rows, self.device)]
             )
         rows = len(inputs.logit_rows)
-        padded = rows if self.logit_sizes is None else next(s for s in self.logit_sizes if s >= rows)
+        # a start-up step can sample more rows than max_num_seqs: those are not padded
+        padded = next((s for s in self.logit_sizes or [] if s >= rows), rows)
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
             hidden = self.mixed_graphs.run(ids, inputs)[:padded]
         else:

@@ -111,6 +111,9 @@ def test_sampling_rows_padded_to_warmed_up_sizes_give_the_same_logits(tiny_llama
     assert rel_err(padded, reference) < (1e-3 if static else 1e-6)
     runner.warm_up_logits()
     assert rows_run == [6, 2, 6]
+    if not static:  # more rows than the largest size (a start-up step can have more than max_num_seqs)
+        runner.logit_sizes = [2, 4]
+        assert rel_err(runner.execute(inputs), padded) < 1e-3 and rows_run[-1] == len(sampling)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
