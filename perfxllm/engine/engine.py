@@ -19,7 +19,7 @@ from perfxllm.engine.cuda_graph import CUDAGraphRunner, buckets_up_to
 from perfxllm.engine.detokenizer import Detokenizer
 from perfxllm.engine.kv_cache import KVCache, bytes_per_block
 from perfxllm.engine.mixed_graph import MixedGraphRunner
-from perfxllm.engine.model_runner import ModelRunner, warm_up_inputs, warm_up_token_counts
+from perfxllm.engine.model_runner import ModelRunner
 from perfxllm.engine.sampler import Sample, SampledBatch, Sampler
 from perfxllm.engine.scheduler import Scheduler
 from perfxllm.engine.sequence import PENDING_TOKEN, Sequence, Status
@@ -118,14 +118,9 @@ class Engine:
         self.runner = make_runner(self.model, config, num_blocks, self.max_model_len, self.tp)
         if self.tp is None:  # a tensor-parallel group would have to run these on every rank together
             if runs_on_kernels(self.model.layers[0].input_layernorm.weight):
-                mixed = self.runner.mixed_graphs
-                for num_tokens in warm_up_token_counts(
-                    config.max_num_batched_tokens, mixed.buckets[-1] if mixed else 0
-                ):
-                    inputs = warm_up_inputs(
-                        num_tokens, config.max_num_seqs, self.max_model_len, config.block_size
-                    )
-                    self.runner.execute(inputs)
+                self.runner.warm_up_steps(
+                    config.max_num_batched_tokens, config.max_num_seqs, self.max_model_len
+                )
             self.runner.warm_up_logits()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)

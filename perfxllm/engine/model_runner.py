@@ -134,6 +134,12 @@ class ModelRunner:
             hidden = hidden[to_device(logit_rows, self.device)]
         return self.model.compute_logits(hidden)[:rows]
 
+    def warm_up_steps(self, max_tokens: int, max_seqs: int, max_model_len: int) -> None:
+        """Run the start-up steps of warm_up_token_counts, which write no cache slot."""
+        graph_tokens = self.mixed_graphs.buckets[-1] if self.mixed_graphs else 0
+        for num_tokens in warm_up_token_counts(max_tokens, graph_tokens):
+            self.execute(warm_up_inputs(num_tokens, max_seqs, max_model_len, self.block_size))
+
     @torch.inference_mode()
     def warm_up_logits(self) -> None:
         """Run lm_head at every padded row count (see __init__), so no step loads its kernel."""
