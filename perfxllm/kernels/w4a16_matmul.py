@@ -20,7 +20,8 @@ Two kernels, picked by N (tokens):
             Split along K with fp32 atomics when there are too few row tiles. For fp16 x the products are
             fp16x2 in PTX (_QUAD_DOT_PTX: two nibbles per LOP3, two products per HFMA2, one chain over the
             four words); for bf16 x, and under the interpreter, float32.
-    N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all.
+    N <= 8  the tuner also tries the same GEMV over N rows of x, each weight tile unpacked once for all (fp16
+            pairs too, with the sums of x made as products with words of ones, in the products' layout).
     N > 1   tensor cores with the weight as the A operand (acc [BLOCK_M, BLOCK_N] = W x^T, so N can be as
             small as 16): a tile is dequantized in registers (q * scale + bias in fp32, rounded to x's
             dtype) and fed to tl.dot; split along K for small N.
@@ -252,10 +253,10 @@ def _word_dot_x_pairs(q, x01, x23, x45, x67):
 
 
 @triton.jit
-def _by_word(pairs, W4: tl.constexpr):
-    """Pairs of x [1, W, pair] (4 pairs a word) -> 16 tensors [1, W // 4]: word 0's four pairs, word 1's..."""
-    # [1, W4, word (2 x 2), pair (2 x 2)] -> by pair [1, W4, 2, 2] -> by word
-    p0, p1, p2, p3 = _split4(tl.reshape(pairs, [1, W4, 2, 2, 2, 2]))
+def _by_word(pairs):
+    """Pairs of x [..., W // 4, word (2 x 2), pair (2 x 2)] (4 pairs a word) -> 16 tensors [..., W // 4]: word
+    0's four pairs, word 1's..."""
+    p0, p1, p2, p3 = _split4(pairs)  # by pair [..., W // 4, 2, 2], then by word
     p0_0, p0_1, p0_2, p0_3 = _split4(p0)
     p1_0, p1_1, p1_2, p1_3 = _split4(p1)
     p2_0, p2_1, p2_2, p2_3 = _split4(p2)
@@ -275,17 +276,43 @@ def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
     pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [1, W, pair]
     x_sum = tl.sum(tl.reshape(_fp16_pair_sum(pairs), [1, W4, 16]), axis=2)
     if ASM:
-        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(_x_pair_scaled(pairs), W4)
+        pairs = _x_pair_scaled(pairs)
+    return _quads_dot(q0, q1, q2, q3, tl.reshape(pairs, [1, W4, 2, 2, 2, 2]), ASM), x_sum
+
+
+@triton.jit
+def _quads_dot_x_rows(q, x_pairs, ASM: tl.constexpr):
+    """_quads_dot_x_pairs for several rows of x: x_pairs [BN, W] -> the sums [BN, R, W // 4] and the sums of x
+    [BN, 1, W // 4], both divided by X_PAIR_SCALE. Each row's products reuse the words' nibbles (ptxas merges
+    the repeated unpacking). The sums of x are the products with words of ones, in the products' layout: a
+    sum across threads put them in one that made every thread update most of a [BN, R] bias sum."""
+    R: tl.constexpr = q.shape[0]
+    BN: tl.constexpr = x_pairs.shape[0]
+    W4: tl.constexpr = q.shape[1] // 4
+    q0, q1, q2, q3 = _split4(tl.reshape(q, [1, R, W4, 2, 2]))
+    pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [BN, W, pair]
+    if ASM:
+        pairs = _x_pair_scaled(pairs)
+    by_word = tl.reshape(pairs, [BN, 1, W4, 2, 2, 2, 2])
+    ones = tl.full([1, 1, W4], 0x11111111, tl.int32)
+    return _quads_dot(q0, q1, q2, q3, by_word, ASM), _quads_dot(ones, ones, ones, ones, by_word, ASM)
+
+
+@triton.jit
+def _quads_dot(q0, q1, q2, q3, by_word, ASM: tl.constexpr):
+    """The sums over four words' 32 channels of nibble * x / X_PAIR_SCALE: q0..q3 the words, by_word their
+    pairs of x [..., word (2 x 2), pair (2 x 2)] (scaled by _x_pair_scaled for the PTX)."""
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(by_word)
+    if ASM:
         operands = [q0, q1, q2, q3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3]
         dot = tl.inline_asm_elementwise(
             _QUAD_DOT_PTX, "=f" + ",r" * 20, operands, dtype=tl.float32, is_pure=True, pack=1
         )
     else:
-        a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(pairs, W4)
         dot = _word_dot_x_pairs(q0, a0, a1, a2, a3) + _word_dot_x_pairs(q1, b0, b1, b2, b3)
         dot += _word_dot_x_pairs(q2, c0, c1, c2, c3) + _word_dot_x_pairs(q3, d0, d1, d2, d3)
         dot = dot / X_PAIR_SCALE
-    return dot, x_sum
+    return dot
 
 
 @triton.jit
@@ -311,6 +338,16 @@ def _finish_split(acc, mask, out_ptrs, ws_ptrs, count_ptr, num_splits):
         total = bits.to(tl.float32, bitcast=True)
         tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
         tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+
+
+@triton.jit
+def _prefetch_weights(qw_ptr, offs_m, M, K, offs_w, it_start, it_end, BLOCK_K: tl.constexpr):
+    """K tiles [it_start, it_end) of rows offs_m into L2, in loads of offs_w words a row: the weights are no
+    kernel's output, so under PDL a GEMV starts reading them while the previous kernel runs."""
+    rows = qw_ptr + _load_rows(offs_m, M)[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
+    for it in range(it_start, it_end):
+        for piece in tl.static_range(BLOCK_K // 8 // offs_w.shape[0]):
+            prefetch_l2(rows + it * (BLOCK_K // 8) + piece * offs_w.shape[0])
 
 
 @triton.jit(do_not_specialize=["split_k", "prefetch_tiles"])
@@ -345,11 +382,10 @@ def _w4_gemv_kernel(
     mask_m = offs_m < M
     offs_w = tl.arange(0, W)
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
-    if PDL:  # the weights are no kernel's output: start reading them while the previous kernel runs
-        rows = qw_ptr + _load_rows(offs_m, M)[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
-        for it in range(it_start, tl.minimum(it_start + prefetch_tiles, it_end)):
-            for piece in tl.static_range(GROUPS):
-                prefetch_l2(rows + it * (BLOCK_K // 8) + piece * W)
+    if PDL:
+        _prefetch_weights(
+            qw_ptr, offs_m, M, K, offs_w, it_start, tl.minimum(it_start + prefetch_tiles, it_end), BLOCK_K
+        )
     wait_for_inputs(PDL)
 
     w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * _row_words(K) + offs_w[None, :]
@@ -397,10 +433,12 @@ def _w4_gemv_rows_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
+    PAIRS: tl.constexpr,
+    ASM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """_w4_gemv_kernel for a few rows of x (N <= BLOCK_N): each weight tile is unpacked once for all of them,
-    and the products are [BLOCK_N, BLOCK_M, W] tensors on the CUDA cores."""
+    and the products are [BLOCK_N, BLOCK_M, W] tensors on the CUDA cores (fp16 pairs: [.., W // 4])."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     W: tl.constexpr = BLOCK_K // 8
@@ -409,24 +447,30 @@ def _w4_gemv_rows_kernel(
     mask_m = offs_m < M
     offs_n = tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    offs_w = tl.arange(0, W)
     x_row = _load_rows(offs_n, N).to(tl.int64)  # padding rows: their sums are dropped
-    x_words = x_ptr + x_row[:, None, None] * stride_xn + tl.arange(0, W)[None, None, :] * 8  # [BLOCK_N, 1, W]
 
     it_start, it_end = _split_range(pid_k, split_k, K, BLOCK_K)
+    if PDL:
+        _prefetch_weights(qw_ptr, offs_m, M, K, offs_w, it_start, tl.minimum(it_start + 1, it_end), BLOCK_K)
     wait_for_inputs(PDL)
 
-    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + tl.arange(0, W)[None, :]
-    acc = tl.zeros([BLOCK_N, BLOCK_M, W], dtype=tl.float32)  # summed across K after the loop
-    acc_bias = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    w_ptrs = qw_ptr + offs_m[:, None].to(tl.int64) * (K // 8) + offs_w[None, :]
+    ACC_W: tl.constexpr = W // 4 if PAIRS else W
+    acc = tl.zeros([BLOCK_N, BLOCK_M, ACC_W], dtype=tl.float32)  # summed across K after the loop
     for it in tl.range(it_start, it_end, num_stages=STAGES):
         k0 = it * BLOCK_K
         q = tl.load(w_ptrs + it * W, mask=mask_m[:, None], other=0)
         s, b = _group_scale_bias(s_ptr, b_ptr, k0 // G, M, offs_m, mask_m)
-        q_dot_x, x_sum = _words_dot_x(q[None, :, :], x_words + k0, one_bits)  # [BN, BM, W], [BN, 1, W]
-        acc += q_dot_x * s[None, :, None]
-        acc_bias += b[None, :] * tl.sum(x_sum, axis=2)
+        if PAIRS:  # [BN, BM, W // 4], [BN, 1, W // 4]
+            x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + (x_row[:, None] * stride_xn + k0) // 2
+            q_dot_x, x_sum = _quads_dot_x_rows(q, x_pairs + offs_w[None, :] * 4, ASM)
+        else:  # [BN, BM, W], [BN, 1, W]
+            x_words = x_ptr + x_row[:, None, None] * stride_xn + k0 + offs_w[None, None, :] * 8
+            q_dot_x, x_sum = _words_dot_x(q[None, :, :], x_words, one_bits)
+        acc += q_dot_x * s[None, :, None] + x_sum * b[None, :, None]
 
-    out = tl.sum(acc, axis=2) + acc_bias
+    out = tl.sum(acc, axis=2) * (X_PAIR_SCALE if PAIRS else 1.0)
     out_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_m[None, :]
     mask = mask_n[:, None] & mask_m[None, :]
     if split_k == 1:
@@ -671,14 +715,27 @@ def _gemv_configs(m: int, k: int, g: int, sms: int, dtype: torch.dtype, pdl: boo
     ]
 
 
-def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
+def _gemv_rows_configs(n: int, m: int, k: int, g: int, sms: int, dtype: torch.dtype) -> list[dict]:
     """For 2 <= n <= GEMV_ROWS_MAX: the GEMV's tiles with about as many products per thread as its own, and
-    the pipeline depth the GEMV's tuning picked for most shapes (each variant costs a compile at start-up)."""
+    the pipeline depth the GEMV's tuning picked for most shapes (each variant costs a compile at start-up).
+    fp16 pairs take twice the rows: a thread's sums of x and its x pairs serve all its rows (offline sm_90
+    builds at two rows: 32 instructions a word in 128-row tiles, 40 in 64-row ones)."""
     if n > GEMV_ROWS_MAX or interpreting():
         return []
-    tiles = _no_taller_than(sorted({(max(32, bm // n), min(bk, g), w) for bm, bk, w in _GEMV_TILES}), m)
+    pairs = dtype == torch.float16
+    rows = (lambda bm: max(32, 2 * bm // n)) if pairs else (lambda bm: max(32, bm // n))
+    tiles = _no_taller_than(sorted({(rows(bm), min(bk, g), w) for bm, bk, w in _GEMV_TILES}), m)
     return [
-        dict(GEMV_ROWS=True, BLOCK_N=n, BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=sk, num_warps=w, num_stages=2)
+        dict(
+            GEMV_ROWS=True,
+            BLOCK_N=n,
+            BLOCK_M=bm,
+            BLOCK_K=bk,
+            SPLIT_K=sk,
+            num_warps=w,
+            num_stages=2,
+            PAIRS=pairs,
+        )
         for bm, bk, w in tiles
         for sk in _splits(triton.cdiv(m, bm), k // bk, sms, n * m)
     ]
@@ -711,12 +768,13 @@ def _gemm_configs(n: int, m: int, k: int, g: int, sms: int) -> list[dict]:
 
 
 def _pairs(x: torch.Tensor, cfg: dict) -> bool:
-    """The fp16x2 products where the config asks for them and they apply: fp16 x on 4 bytes, and K tiles of at
-    least four words a row (a thread's chain)."""
+    """The fp16x2 products where the config asks for them and they apply: fp16 x on 4 bytes (every row), and K
+    tiles of at least four words a row (a thread's chain)."""
     return (
         cfg.get("PAIRS", False)
         and x.dtype == torch.float16
         and x.data_ptr() % 4 == 0
+        and x.stride(0) % 2 == 0
         and cfg["BLOCK_K"] >= 32
     )
 
@@ -785,6 +843,8 @@ def _launch_gemv_rows(
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_K=cfg["BLOCK_K"],
         STAGES=cfg["num_stages"],
+        PAIRS=_pairs(x, cfg),
+        ASM=not interpreting(),
         num_warps=cfg["num_warps"],
         **pdl_launch_args(x.device),
     )
@@ -860,7 +920,7 @@ def w4a16_matmul(
             lambda: (
                 _gemv_configs(m, k, g, sms, x.dtype, pdl_enabled(x.device))
                 if n == 1
-                else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms)
+                else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms, x.dtype)
             ),
             lambda c: _launcher(n, c)(x2, cold_weight(), c),
             _build,

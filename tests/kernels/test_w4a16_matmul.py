@@ -73,14 +73,24 @@ def test_split_k_scales_a_tile_ahead(k, g, split_k, device, rel_err):
     assert_split_workspace_clean(device)
 
 
+@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize(("n", "block_n", "split_k", "g"), [(2, 2, 1, 128), (3, 4, 3, 32), (8, 8, 2, 64)])
-def test_gemv_over_several_rows(n, block_n, split_k, g, device, rel_err):
-    """The GEMV that unpacks each weight tile once for a few rows of x, with padding rows and split K."""
+def test_gemv_over_several_rows(n, block_n, split_k, g, pairs, device, rel_err):
+    """The GEMV that unpacks each weight tile once for a few rows of x, with padding rows and split K, its
+    products in float32 or in fp16 pairs (float32 emulation under the interpreter)."""
     cfg = dict(
-        GEMV_ROWS=True, BLOCK_N=block_n, BLOCK_M=16, BLOCK_K=32, SPLIT_K=split_k, num_warps=4, num_stages=1
+        GEMV_ROWS=True,
+        BLOCK_N=block_n,
+        BLOCK_M=16,
+        BLOCK_K=32 if g == 32 else 64,
+        SPLIT_K=split_k,
+        num_warps=4,
+        num_stages=1,
+        PAIRS=pairs,
     )
     run_case(n, 40, 256, g, device, rel_err, config=cfg, seed=n)
     run_case(n, 40, 256, g, device, rel_err, config=cfg, seed=n + 1)  # again, on the workspace left behind
+    run_case(n, 40, 256, g, device, rel_err, config=cfg, float_min=True, seed=n + 2)
     if split_k > 1:
         assert_split_workspace_clean(device)
     with pytest.raises(ValueError, match="at most BLOCK_N"):
@@ -114,7 +124,7 @@ def test_tuner_skips_tiles_taller_than_the_matrix(monkeypatch):
     assert small and {c["BLOCK_M"] for c in small} <= {16, 32, 64}
     no_wide_tile = mod._gemv_configs(40, 384, 128, 132, torch.float16, True)  # 384: no 2 or 4 whole groups
     assert {c["BLOCK_M"] for c in no_wide_tile} == {128}
-    rows = mod._gemv_rows_configs(4, 40, 512, 128, 132)
+    rows = mod._gemv_rows_configs(4, 40, 512, 128, 132, torch.float16)
     assert rows and {c["BLOCK_M"] for c in rows} <= {32, 64}
     big = mod._gemv_configs(12288, 4096, 128, 132, torch.float16, True)
     assert {c["BLOCK_M"] for c in big} == {16, 32, 64, 128, 256, 512}
@@ -228,13 +238,33 @@ def test_dequantize_then_matmul(scratch_rows, device, rel_err, monkeypatch):
         dict(BLOCK_M=32, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2, PAIRS=True),
         dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1, PAIRS=True),
         dict(BLOCK_M=32, BLOCK_K=256, SPLIT_K=2, num_warps=2, num_stages=2, PAIRS=True),
+        dict(
+            GEMV_ROWS=True,
+            BLOCK_N=4,
+            BLOCK_M=32,
+            BLOCK_K=64,
+            SPLIT_K=3,
+            num_warps=4,
+            num_stages=2,
+            PAIRS=True,
+        ),
+        dict(
+            GEMV_ROWS=True,
+            BLOCK_N=2,
+            BLOCK_M=64,
+            BLOCK_K=64,
+            SPLIT_K=1,
+            num_warps=4,
+            num_stages=2,
+            PAIRS=True,
+        ),
     ],
 )
 @pytest.mark.parametrize("float_min", [False, True])
 def test_fp16_pairs_in_ptx(cfg, float_min, rel_err):
-    """The GEMV's products in fp16x2 PTX against the reference, also with activations as large as Llama's
-    outliers (the fp16 products must not overflow)."""
-    n = 1
+    """The GEMVs' products in fp16x2 PTX against the reference, also with activations as large as Llama's
+    outliers (the fp16 products must not overflow); three rows in a GEMV of four."""
+    n = 3 if cfg.get("BLOCK_N") == 4 else cfg.get("BLOCK_N", 1)
     w = random_int4(200, 1024, 64, float_min, seed=21)
     packed = mod.prepack(w.to("cuda"))
     for scale in (1.0, 2000.0):
@@ -283,6 +313,6 @@ def test_tuner_builds_each_kernel_once(monkeypatch):
     )
     gemm = mod._gemm_configs(16, 12288, 4096, 128, 132)
     assert len({mod._build(c) for c in gemm}) == len(gemm)
-    rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132)
+    rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132, torch.float16)
     assert len({mod._build(c) for c in rows}) < len(rows)
     assert [mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132) if c.get("DEQUANT")] == [None]
