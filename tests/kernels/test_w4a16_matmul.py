@@ -230,6 +230,9 @@ def test_dequantize_then_matmul(scratch_rows, device, rel_err, monkeypatch):
     run_case(33, 80, 256, 64, device, rel_err, config=cfg, seed=11)
 
 
+GEMV_ROWS_PAIRS = dict(GEMV_ROWS=True, BLOCK_K=64, num_warps=4, num_stages=2, PAIRS=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp16x2 PTX runs on the GPU only")
 @pytest.mark.parametrize(
@@ -238,26 +241,8 @@ def test_dequantize_then_matmul(scratch_rows, device, rel_err, monkeypatch):
         dict(BLOCK_M=32, BLOCK_K=64, SPLIT_K=3, num_warps=4, num_stages=2, PAIRS=True),
         dict(BLOCK_M=16, BLOCK_K=32, SPLIT_K=1, num_warps=4, num_stages=1, PAIRS=True),
         dict(BLOCK_M=32, BLOCK_K=256, SPLIT_K=2, num_warps=2, num_stages=2, PAIRS=True),
-        dict(
-            GEMV_ROWS=True,
-            BLOCK_N=4,
-            BLOCK_M=32,
-            BLOCK_K=64,
-            SPLIT_K=3,
-            num_warps=4,
-            num_stages=2,
-            PAIRS=True,
-        ),
-        dict(
-            GEMV_ROWS=True,
-            BLOCK_N=2,
-            BLOCK_M=64,
-            BLOCK_K=64,
-            SPLIT_K=1,
-            num_warps=4,
-            num_stages=2,
-            PAIRS=True,
-        ),
+        dict(GEMV_ROWS_PAIRS, BLOCK_N=4, BLOCK_M=32, SPLIT_K=3),
+        dict(GEMV_ROWS_PAIRS, BLOCK_N=2, BLOCK_M=64, SPLIT_K=1),
     ],
 )
 @pytest.mark.parametrize("float_min", [False, True])
