@@ -68,6 +68,17 @@ class AttentionMetadata:
         if self.decode_rows is None:
             self.decode_rows = leading_decodes(self.query_lens)
 
+    def sequences(self, start: int, stop: int) -> AttentionMetadata:
+        """The metadata of sequences start..stop alone, whose rows of the step are the tokens of theirs."""
+        first, last = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
+        return AttentionMetadata(
+            self.query_lens[start:stop],
+            self.context_lens[start:stop],
+            self.slot_mapping[first:last],
+            self.block_tables[start:stop],
+            self.max_context_len,
+        )
+
     def prefill_layout(self) -> PrefillLayout | None:
         """The prompt chunks' layout, made on first use (once a step, not once a layer); None: none."""
         if self.prefill is None and self.decode_rows < len(self.query_lens):
@@ -101,11 +112,16 @@ def attention(
     cache, attends."""
     if decode_ops_cpu.available(q) and k_cache.dtype == q.dtype and decode_ops_cpu.qkv_rows(q, k, v):
         decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, meta.slot_mapping, k_cache, v_cache)
-        if max(meta.query_lens) == 1:
-            return decode_ops_cpu.decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
-            )
-        return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        rows, batch = leading_decodes(meta.query_lens), len(meta.query_lens)
+        if rows == 0:
+            return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+        decoded = decode_ops_cpu.decode_attention(
+            q[:rows], k_cache, v_cache, meta.block_tables[:rows], meta.context_lens[:rows], scale
+        )
+        if rows == batch:
+            return decoded
+        prompts = paged_attention_ref(q[rows:], k_cache, v_cache, meta.sequences(rows, batch), scale)
+        return torch.cat([decoded, prompts])
     if not runs_on_kernels(q):
         q, k = apply_rope(q, positions, cos_sin), apply_rope(k, positions, cos_sin)
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -159,7 +175,17 @@ def paged_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; each sequence's queries are its last query_len positions, causal."""
-    batch, block_size = len(meta.query_lens), k_cache.shape[1]
+    batch, rows = len(meta.query_lens), leading_decodes(meta.query_lens)
+    if (
+        0 < rows < batch
+    ):  # decodes apart from prompt chunks: padded together, each decode takes a chunk's length
+        return torch.cat(
+            [
+                paged_attention_ref(q[:rows], k_cache, v_cache, meta.sequences(0, rows), scale),
+                paged_attention_ref(q[rows:], k_cache, v_cache, meta.sequences(rows, batch), scale),
+            ]
+        )
+    block_size = k_cache.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     max_q, max_ctx = max(meta.query_lens), meta.max_context_len
     device = q.device
