@@ -69,7 +69,7 @@ class AttentionMetadata:
             self.decode_rows = leading_decodes(self.query_lens)
 
     def sequences(self, start: int, stop: int) -> AttentionMetadata:
-        """The metadata of sequences start..stop alone, whose rows of the step are the tokens of theirs."""
+        """The metadata of sequences start..stop alone, for the step's rows of their tokens."""
         first, last = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
         return AttentionMetadata(
             self.query_lens[start:stop],
@@ -176,9 +176,8 @@ def paged_attention_ref(
 ) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; each sequence's queries are its last query_len positions, causal."""
     batch, rows = len(meta.query_lens), leading_decodes(meta.query_lens)
-    if (
-        0 < rows < batch
-    ):  # decodes apart from prompt chunks: padded together, each decode takes a chunk's length
+    # Decodes apart from prompt chunks: padded together, each decode row would take the longest chunk's length.
+    if 0 < rows < batch:
         return torch.cat(
             [
                 paged_attention_ref(q[:rows], k_cache, v_cache, meta.sequences(0, rows), scale),
