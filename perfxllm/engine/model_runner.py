@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,8 +118,7 @@ class ModelRunner:
                 else logits[to_device(inputs.logit_rows, self.device)]
             )
         rows = len(inputs.logit_rows)
-        # a start-up step can sample more rows than max_num_seqs: those are not padded
-        padded = next((s for s in self.logit_sizes or [] if s >= rows), rows)
+        padded = self._logit_size(rows)
         if self.mixed_graphs and self.mixed_graphs.can_run(len(inputs.input_ids), len(inputs.query_lens)):
             hidden = self.mixed_graphs.run(ids, inputs)[:padded]
         else:
@@ -133,6 +133,13 @@ class ModelRunner:
             logit_rows = inputs.logit_rows + inputs.logit_rows[:1] * (padded - rows)
             hidden = hidden[to_device(logit_rows, self.device)]
         return self.model.compute_logits(hidden)[:rows]
+
+    def _logit_size(self, rows: int) -> int:
+        """The row count lm_head runs at for `rows` sampling rows (see __init__). A start-up step can sample
+        more rows than max_num_seqs: those are not padded."""
+        sizes = self.logit_sizes or []
+        i = bisect.bisect_left(sizes, rows)
+        return sizes[i] if i < len(sizes) else rows
 
     def warm_up_steps(self, max_tokens: int, max_seqs: int, max_model_len: int) -> None:
         """Run the start-up steps of warm_up_token_counts, which write no cache slot."""

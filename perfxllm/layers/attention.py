@@ -11,7 +11,7 @@ path here, which is also their reference.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -63,21 +63,27 @@ class AttentionMetadata:
     prefill: PrefillLayout | None = None
     # the most parts flash-decoding cuts a context into (None: enough for the batch to fill the GPU)
     decode_partitions: int | None = None
+    _sliced: dict[tuple[int, int], AttentionMetadata] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.decode_rows is None:
             self.decode_rows = leading_decodes(self.query_lens)
 
     def sequences(self, start: int, stop: int) -> AttentionMetadata:
-        """The metadata of sequences start..stop alone, for the step's rows of their tokens."""
-        first, last = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
-        return AttentionMetadata(
-            self.query_lens[start:stop],
-            self.context_lens[start:stop],
-            self.slot_mapping[first:last],
-            self.block_tables[start:stop],
-            self.max_context_len,
-        )
+        """The metadata of sequences start..stop alone, for the step's rows of their tokens (made once a step,
+        not once a layer)."""
+        if (start, stop) not in self._sliced:
+            first, last = sum(self.query_lens[:start]), sum(self.query_lens[:stop])
+            self._sliced[start, stop] = AttentionMetadata(
+                self.query_lens[start:stop],
+                self.context_lens[start:stop],
+                self.slot_mapping[first:last],
+                self.block_tables[start:stop],
+                self.max_context_len,
+            )
+        return self._sliced[start, stop]
 
     def prefill_layout(self) -> PrefillLayout | None:
         """The prompt chunks' layout, made on first use (once a step, not once a layer); None: none."""
@@ -112,7 +118,7 @@ def attention(
     cache, attends."""
     if decode_ops_cpu.available(q) and k_cache.dtype == q.dtype and decode_ops_cpu.qkv_rows(q, k, v):
         decode_ops_cpu.rope_cache_write(q, k, positions, cos_sin, meta.slot_mapping, k_cache, v_cache)
-        rows, batch = leading_decodes(meta.query_lens), len(meta.query_lens)
+        rows, batch = meta.decode_rows, len(meta.query_lens)
         if rows == 0:
             return paged_attention_ref(q, k_cache, v_cache, meta, scale)
         decoded = decode_ops_cpu.decode_attention(
