@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,14 +161,12 @@ def server(args: argparse.Namespace) -> Iterator[str]:
 
 
 def _wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise PerfxError(f"the server exited with code {proc.returncode} before it was ready")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{base_url}/health", timeout=1) as r:
+            if r.status == 200:
                 return
         time.sleep(0.5)
     raise PerfxError(f"the server at {base_url} was not ready after {timeout:.0f} s")
@@ -175,9 +174,12 @@ def _wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float = 600) -
 
 def server_info(base_url: str) -> dict[str, str]:
     """Model, device, dtype and quant, from the server's perfxllm_info metric."""
-    import httpx
-
-    for line in httpx.get(f"{base_url}/metrics", timeout=30).raise_for_status().text.splitlines():
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    except OSError as e:
+        raise PerfxError(f"could not read {base_url}/metrics: {e}") from None
+    for line in text.splitlines():
         if line.startswith("perfxllm_info{"):
             labels = line[line.index("{") + 1 : line.rindex("}")]
             return {k: v.strip('"') for k, v in (item.split("=", 1) for item in labels.split('",'))}
@@ -187,18 +189,23 @@ def server_info(base_url: str) -> dict[str, str]:
 async def run_online(
     base_url: str, model: str, requests: list[BenchRequest], concurrency: int, rate: float, seed: int
 ) -> dict[str, Any]:
-    import httpx
+    """aiohttp, as vllm bench serve uses: httpx's connection pool scans every connection at each request's
+    start and end, and at 256 streams that scan took the load generator's whole core (the server then
+    saw requests in waves, and its throughput and TTFT were the client's)."""
+    import aiohttp
 
-    async with httpx.AsyncClient(
-        base_url=base_url, timeout=None, limits=httpx.Limits(max_connections=None)
-    ) as client:
-        await send_one(client, model, BenchRequest("Warm up", 2, 4))
+    url = f"{base_url}/v1/completions"
+    connector = aiohttp.TCPConnector(limit=0)  # a connection for every request in flight
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
+        await send_one(session, url, model, BenchRequest("Warm up", 2, 4))
         limit = asyncio.Semaphore(concurrency)
         rng = random.Random(seed)
 
         async def limited(r: BenchRequest) -> Result:
             async with limit:
-                return await send_one(client, model, r)
+                return await send_one(session, url, model, r)
 
         start = time.perf_counter()
         tasks = []
@@ -211,7 +218,10 @@ async def run_online(
     return summarize(results, duration, concurrency)
 
 
-async def send_one(client: Any, model: str, r: BenchRequest) -> Result:
+async def send_one(session: Any, url: str, model: str, r: BenchRequest) -> Result:
+    """One streamed completion; a refused or broken request is a failed one, not the end of the run."""
+    import aiohttp
+
     body = {
         "model": model,
         "prompt": r.prompt,
@@ -223,25 +233,28 @@ async def send_one(client: Any, model: str, r: BenchRequest) -> Result:
     }
     result = Result(r.prompt_len)
     start = last = time.perf_counter()
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            result.error = f"HTTP {response.status_code}: {(await response.aread()).decode()[:200]}"
-            return result
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk, now = json.loads(line[6:]), time.perf_counter()
-            if "error" in chunk:
-                result.error = chunk["error"]["message"]
-            elif chunk["choices"]:
-                if result.ttft:
-                    result.itl.append(now - last)
-                else:
-                    result.ttft = now - start
-                last = now
-            elif chunk.get("usage"):
-                result.prompt_len = chunk["usage"]["prompt_tokens"]
-                result.output_len = chunk["usage"]["completion_tokens"]
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                return result
+            async for line in response.content:  # one SSE line at a time
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk, now = json.loads(line[6:]), time.perf_counter()
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                elif chunk["choices"]:
+                    if result.ttft:
+                        result.itl.append(now - last)
+                    else:
+                        result.ttft = now - start
+                    last = now
+                elif chunk.get("usage"):
+                    result.prompt_len = chunk["usage"]["prompt_tokens"]
+                    result.output_len = chunk["usage"]["completion_tokens"]
+    except (aiohttp.ClientError, ValueError) as e:  # ValueError: a line that is no JSON, or too long
+        result.error = f"{type(e).__name__}: {e}"
     result.latency = last - start
     return result
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
+import socket
 
-from perfxllm.bench.serve import synthesize
+from perfxllm.bench.serve import BenchRequest, run_online, synthesize
 from perfxllm.cli import main
 from perfxllm.model.loader import open_checkpoint
 
@@ -43,3 +46,13 @@ def test_bench_serve_offline_and_online(tiny_model_dir, tmp_path):
     assert all(r["total_output_tokens"] == expected_tokens for r in online["runs"])
     assert online["output_tok_s"] > 0 and online["ttft_ms_p50"] > 0
     assert (tmp_path / "serve-cpu.png").stat().st_size > 0
+
+
+def test_bench_client_counts_a_broken_request_as_failed():
+    """A request the server never answers fails alone: the run goes on and reports it."""
+    with socket.socket() as s:  # a port with nobody listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    requests = [BenchRequest("Hello", 1, 4)] * 3
+    summary = asyncio.run(run_online(f"http://127.0.0.1:{port}", "m", requests, 2, math.inf, 0))
+    assert (summary["completed"], summary["failed"]) == (0, 3)
