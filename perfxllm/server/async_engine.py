@@ -239,7 +239,7 @@ class RequestStream:
     def __init__(self, engine: AsyncEngine, request_ids: list[str]) -> None:
         self.engine, self.request_ids = engine, request_ids
         self._pending: deque[tuple[int, RequestOutput | Exception]] = deque()
-        self._arrived = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None  # the reader's, while it waits for an output
         self.unfinished = set(range(len(request_ids)))
         self.start = time.perf_counter()
         self.first_token_at: list[float | None] = [None] * len(request_ids)
@@ -248,7 +248,8 @@ class RequestStream:
     def put(self, index: int, item: RequestOutput | Exception) -> None:
         """On the event loop: an output (or the error that ends it) of choice `index`."""
         self._pending.append((index, item))
-        self._arrived.set()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -257,8 +258,8 @@ class RequestStream:
         if not self.unfinished:
             raise StopAsyncIteration
         while not self._pending:
-            self._arrived.clear()
-            await self._arrived.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
         index, out = self._pending.popleft()
         if isinstance(out, Exception):
             self.close("error")

@@ -44,7 +44,7 @@ from perfxllm.server.protocol import (
     Usage,
 )
 
-Chunk = Callable[[int, RequestOutput], BaseModel | None]
+Chunk = Callable[[int, RequestOutput], BaseModel | None]  # choice i's part of a streamed output (None: none)
 
 
 @dataclass
@@ -80,22 +80,17 @@ class OpenAIServing:
         if req.stream:
             offsets = [0] * len(params)
 
-            def chunk(i: int, out: RequestOutput) -> CompletionResponse | None:
+            def chunk(i: int, out: RequestOutput) -> CompletionChoice | None:
                 logprobs = self._completion_logprobs(out.logprobs, offsets[i]) if want_logprobs else None
                 if logprobs is not None and logprobs.tokens:
                     offsets[i] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
                 if not (out.text or out.finished or logprobs):
                     return None
-                return response(
-                    [
-                        CompletionChoice(
-                            index=i, text=out.text, logprobs=logprobs, finish_reason=out.finish_reason
-                        )
-                    ]
+                return CompletionChoice(
+                    index=i, text=out.text, logprobs=logprobs, finish_reason=out.finish_reason
                 )
 
-            usage_chunk = (lambda usage: response([], usage)) if req.include_usage else None
-            return self._event_stream(stream, [], chunk, usage_chunk, num_prompt_tokens)
+            return self._event_stream(stream, response([]), [], chunk, req.include_usage, num_prompt_tokens)
 
         choices = await self._collect(stream, len(params))
         return _json(
@@ -146,32 +141,22 @@ class OpenAIServing:
         stream = self._submit(request_id, [prompt] * req.n, params)
         created = int(time.time())
 
-        def chunk_of(choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
-            )
-
         if req.stream:
 
-            def chunk(i: int, out: RequestOutput) -> ChatCompletionChunk | None:
+            def chunk(i: int, out: RequestOutput) -> ChatChunkChoice | None:
                 logprobs = self._chat_logprobs(out.logprobs) if req.logprobs else None
                 if not (out.text or out.finished or logprobs):
                     return None
                 delta = Delta(content=out.text or None)
-                return chunk_of(
-                    [
-                        ChatChunkChoice(
-                            index=i, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason
-                        )
-                    ]
+                return ChatChunkChoice(
+                    index=i, delta=delta, logprobs=logprobs, finish_reason=out.finish_reason
                 )
 
+            envelope = ChatCompletionChunk(id=request_id, created=created, model=self.model_name, choices=[])
             roles = [
-                chunk_of([ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
-                for i in range(req.n)
+                ChatChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(req.n)
             ]
-            usage_chunk = (lambda usage: chunk_of([], usage)) if req.include_usage else None
-            return self._event_stream(stream, roles, chunk, usage_chunk, len(prompt))
+            return self._event_stream(stream, envelope, roles, chunk, req.include_usage, len(prompt))
 
         choices = await self._collect(stream, req.n)
         return _json(
@@ -243,28 +228,35 @@ class OpenAIServing:
     def _event_stream(
         self,
         stream: RequestStream,
+        envelope: BaseModel,
         first: list[BaseModel],
         chunk: Chunk,
-        usage_chunk: Callable[[Usage], BaseModel] | None,
+        include_usage: bool,
         num_prompt_tokens: int,
     ) -> EventStream:
+        """envelope: the chunk object with no choices, serialised once; each event puts one choice in it."""
+        head, _, tail = envelope.model_dump_json().partition('"choices":[]')
+
+        def event(choice: BaseModel) -> str:
+            return _event(f'{head}"choices":[{choice.model_dump_json()}]{tail}')
+
         async def events() -> AsyncGenerator[str, None]:
             num_tokens = 0
             try:
                 for c in first:
-                    yield _event(c.model_dump_json())
+                    yield event(c)
                 async for i, out in stream:
                     num_tokens += out.num_output_tokens if out.finished else 0
                     c = chunk(i, out)
                     if c is not None:
-                        yield _event(c.model_dump_json())
-                if usage_chunk is not None:
+                        yield event(c)
+                if include_usage:
                     usage = Usage(
                         prompt_tokens=num_prompt_tokens,
                         completion_tokens=num_tokens,
                         total_tokens=num_prompt_tokens + num_tokens,
                     )
-                    yield _event(usage_chunk(usage).model_dump_json())
+                    yield _event(envelope.model_copy(update={"usage": usage}).model_dump_json())
             except Exception as e:  # the status line is sent: the error goes in the stream, as OpenAI does
                 yield _event(json.dumps(engine_error(e).body()))
             yield _event("[DONE]")
