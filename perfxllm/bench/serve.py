@@ -190,8 +190,8 @@ async def run_online(
     base_url: str, model: str, requests: list[BenchRequest], concurrency: int, rate: float, seed: int
 ) -> dict[str, Any]:
     """aiohttp, as vllm bench serve uses: httpx's connection pool scans every connection at each request's
-    start and end, and at 256 streams that scan took the load generator's whole core (the server then
-    saw requests in waves, and its throughput and TTFT were the client's)."""
+    start and end, and with 1024 requests at 256 streams that scan took the load generator's whole core
+    (the server then saw requests in waves; benchmarks/results/ab-bench-serve-client-cpu.json)."""
     import aiohttp
 
     url = f"{base_url}/v1/completions"
