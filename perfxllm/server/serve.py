@@ -39,5 +39,10 @@ def run_serve(args: argparse.Namespace) -> int:
             app.state.async_engine.stop()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    # Idle connections are kept longer than clients keep theirs (httpx, and so the openai client: 5 s, as
+    # uvicorn's default): a client then never sends a request on a connection the server is closing.
+    uvicorn_config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75
+    )
+    Server(uvicorn_config).run()
     return 0

@@ -4,7 +4,9 @@ driven by the official openai client; greedy and short outputs, to stay fast."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -324,3 +326,17 @@ def test_metrics_describe_the_engine(server):
         "perfxllm_prefix_cache_hit_rate",
     ):
         assert server.metric(name) >= 0, name
+
+
+def test_an_idle_connection_outlives_a_clients_pool_expiry(server):
+    """httpx (under the openai client) keeps an idle connection for 5 s: one the server closed sooner (uvicorn's
+    own default is also 5 s) races the client's next request on it, which then fails with a reset."""
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=10)
+    try:
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+        time.sleep(6)
+        conn.request("GET", "/health")  # the same socket: http.client opens no other while this one is open
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
