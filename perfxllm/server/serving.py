@@ -44,7 +44,8 @@ from perfxllm.server.protocol import (
     Usage,
 )
 
-Chunk = Callable[[int, RequestOutput], BaseModel | None]  # choice i's part of a streamed output (None: none)
+# choice i of a streamed output, or None when there is nothing to send
+Chunk = Callable[[int, RequestOutput], BaseModel | None]
 
 
 @dataclass
