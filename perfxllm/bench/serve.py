@@ -207,7 +207,7 @@ async def run_online(
             async with limit:
                 return await send_one(session, url, model, r)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         tasks = []
         for r in requests:
             tasks.append(asyncio.create_task(limited(r)))
@@ -215,7 +215,8 @@ async def run_online(
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
-    return summarize(results, duration, concurrency)
+        client_cpu = (time.process_time() - cpu_start) / duration
+    return summarize(results, duration, concurrency, client_cpu)
 
 
 async def send_one(session: Any, url: str, model: str, r: BenchRequest) -> Result:
@@ -297,7 +298,11 @@ def run_offline(args: argparse.Namespace, requests: list[BenchRequest]) -> tuple
 
 
 # -- results ------------------------------------------------------------------------------------------------
-def summarize(results: list[Result], duration: float, concurrency: int) -> dict[str, Any]:
+def summarize(
+    results: list[Result], duration: float, concurrency: int, client_cpu: float | None = None
+) -> dict[str, Any]:
+    """client_cpu: the load generator's CPU time over the run's duration (1.0: a whole core, where its numbers
+    are its own rather than the server's)."""
     ok = [r for r in results if r.error is None]
     for r in results:
         if r.error is not None:
@@ -314,6 +319,8 @@ def summarize(results: list[Result], duration: float, concurrency: int) -> dict[
         "output_tok_s": output_tokens / duration,
         "total_tok_s": (input_tokens + output_tokens) / duration,
     }
+    if client_cpu is not None:
+        summary["client_cpu_frac"] = client_cpu
     series = {
         "ttft_ms": [r.ttft * 1000 for r in ok],
         "tpot_ms": [(r.latency - r.ttft) / (r.output_len - 1) * 1000 for r in ok if r.output_len > 1],
@@ -342,6 +349,8 @@ def print_summary(s: dict[str, Any]) -> None:
         ("Output token throughput (tok/s):", f"{s['output_tok_s']:.2f}"),
         ("Total Token throughput (tok/s):", f"{s['total_tok_s']:.2f}"),
     ]
+    if "client_cpu_frac" in s:
+        rows.append(("Load generator CPU (of a core):", f"{s['client_cpu_frac']:.0%}"))
     print(f"{' Serving Benchmark Result ':=^50}")
     for label, value in rows:
         print(f"{label:<40}{value:<10}")
@@ -355,6 +364,11 @@ def print_summary(s: dict[str, Any]) -> None:
         for stat, key in (("Mean", "mean"), ("Median", "p50"), ("P99", "p99")):
             print(f"{f'{stat} {name.upper()} (ms):':<40}{s[f'{name}_ms_{key}']:<10.2f}")
     print("=" * 50)
+    if s.get("client_cpu_frac", 0) > 0.9:
+        print(
+            f"warning: the load generator used {s['client_cpu_frac']:.0%} of a core: these numbers may be its own",
+            file=sys.stderr,
+        )
 
 
 def plot(record: dict[str, Any], path: Path) -> None:

@@ -45,6 +45,7 @@ def test_bench_serve_offline_and_online(tiny_model_dir, tmp_path):
     assert [(r["concurrency"], r["completed"], r["failed"]) for r in online["runs"]] == [(1, 6, 0), (3, 6, 0)]
     assert all(r["total_output_tokens"] == expected_tokens for r in online["runs"])
     assert online["output_tok_s"] > 0 and online["ttft_ms_p50"] > 0
+    assert all(r["client_cpu_frac"] > 0 for r in online["runs"]) and "client_cpu_frac" not in offline
     assert (tmp_path / "serve-cpu.png").stat().st_size > 0
 
 
