@@ -3,9 +3,6 @@ allocated once and handed to the attention layers."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,16 +19,8 @@ class KVCache:
     ):
         cfg: ModelConfig = model.config
         shape = (cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k, self.v = zeros(shape, dtype, device), zeros(shape, dtype, device)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
         for i, layer in enumerate(model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.k[i], self.v[i]
-
-
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """On the CPU, zeros from calloc: the OS maps zeroed pages as blocks are first written, so a cache of
-    1 GiB costs neither the 0.3 s that torch.zeros takes to write it nor its size in memory at start."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
