@@ -181,7 +181,7 @@ def paged_attention_ref(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
     """q [T, Hq, D] -> out [T, Hq, D]; each sequence's queries are its last query_len positions, causal."""
-    batch, rows = len(meta.query_lens), leading_decodes(meta.query_lens)
+    batch, rows = len(meta.query_lens), meta.decode_rows
     # Decodes apart from prompt chunks: padded together, each decode row would take the longest chunk's length.
     if 0 < rows < batch:
         return torch.cat(
