@@ -23,7 +23,7 @@ def _raise(message: str) -> None:
 
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
-        self.tok = tokenizer
+        self.tok, self.config = tokenizer, config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
@@ -42,6 +42,10 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self._template = env.from_string(template) if template else None
+
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[tokenizers.Tokenizer, dict[str, Any]]]:
+        # rebuilt from its parts: the compiled template does not pickle (the server's engine process sends it)
+        return Tokenizer, (self.tok, self.config)
 
     @property
     def vocab_size(self) -> int:

@@ -20,11 +20,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from perfxllm.engine.engine import Engine, device_tag
-from perfxllm.info import quant_label
 from perfxllm.server.async_engine import AsyncEngine
 from perfxllm.server.disconnect import cancel_on_disconnect
-from perfxllm.server.metrics import Metrics
 from perfxllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from perfxllm.server.serving import OpenAIServing
 
@@ -35,36 +32,25 @@ STATIC_DIR = Path(__file__).parent / "static"  # PerfXChat in the browser: plain
 @dataclass
 class ServerConfig:
     api_key: str | None = None  # None: no authentication
-    max_queue: int = 512  # engine requests waiting or running; beyond it, 429
     max_body_bytes: int = 4 * 2**20
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    """The engine is handed over: from here on only the AsyncEngine's thread touches it."""
-    model_name = Path(engine.model_path).name
-    metrics = Metrics(
-        {
-            "model": model_name,
-            "device": device_tag(engine.device),
-            "dtype": str(engine.dtype).removeprefix("torch."),
-            "quant": quant_label(engine.model, engine.dtype),
-        }
-    )
-    async_engine = AsyncEngine(engine, config.max_queue, metrics)
-    serving = OpenAIServing(
-        async_engine, engine.tokenizer, model_name, engine.max_model_len, engine.model_config.vocab_size
-    )
+def create_app(async_engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    """The app owns the engine from here on: it starts reading it at start-up and ends it at shutdown."""
+    info, metrics = async_engine.info, async_engine.metrics
+    model_name = info.model_name
+    serving = OpenAIServing(async_engine, info.tokenizer, model_name, info.max_model_len, info.vocab_size)
     model_card = {
         "id": model_name,
         "object": "model",
         "created": int(time.time()),
         "owned_by": "perfxllm",
-        "max_model_len": engine.max_model_len,
+        "max_model_len": info.max_model_len,
     }
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        async_engine.start()
+        await async_engine.start()
         yield
         await async_engine.close()
 

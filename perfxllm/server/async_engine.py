@@ -1,9 +1,9 @@
-"""The Engine on a background thread, for asyncio code.
+"""The engine, for asyncio code: requests in, each as a RequestStream of its outputs.
 
-Only the engine thread ever touches the Engine. The event loop hands it commands (add, abort, stop) through
-a thread-safe inbox; the engine thread hands a step's outputs to their streams in one
-loop.call_soon_threadsafe (not one per output: 256 streams would be 256 wake-ups a step). With nothing to
-run, the engine thread blocks on the inbox instead of spinning.
+The engine runs in its own process (`spawn`, as `perfxllm serve` does) or on a thread of this one (`on_thread`,
+around an Engine built here); see engine_process. Either way this side talks to it over a socket with
+asyncio: commands batched into one message per turn of the event loop, and a task that reads each result and
+hands its outputs to their streams. Nothing blocks the event loop and no thread has to wake it.
 
 A stream whose reader falls behind (many streams on a busy event loop) reads the outputs that have piled up
 for a choice as one: one chunk of several tokens instead of several chunks, as vLLM does, so the event loop's
@@ -20,16 +20,33 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import queue
+import multiprocessing
+import pickle
+import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
+from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine, RequestOutput
-from perfxllm.errors import RequestError
+from perfxllm.errors import PerfxError, RequestError
 from perfxllm.sampling_params import SamplingParams
+from perfxllm.server.engine_process import (
+    EXIT,
+    FRAME_HEADER,
+    STOP,
+    Abort,
+    Add,
+    EngineInfo,
+    EngineLoop,
+    LoadFailed,
+    StepResult,
+    frame,
+    recv_message,
+    run_engine_process,
+)
 from perfxllm.server.metrics import EngineStats, Metrics
 
 log = logging.getLogger(__name__)
@@ -43,72 +60,98 @@ class EngineStopped(Exception):
     pass
 
 
-@dataclass
-class _Target:
-    """Where a request's outputs go: choice `index` of `stream`, read on `loop`."""
-
-    loop: asyncio.AbstractEventLoop
-    stream: RequestStream
-    index: int
-
-
-@dataclass
-class _Add:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    target: _Target
-
-
-@dataclass
-class _Abort:
-    request_ids: list[str]
-
-
-_STOP = object()  # fail the requests in flight; refuse new ones from now on
-_EXIT = object()  # end the engine thread
-
-
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics) -> None:
-        self._engine = engine
-        self.max_queue = max_queue
-        self.metrics = metrics
-        self.stats = EngineStats()  # replaced (never mutated) by the engine thread
-        self.num_in_flight = 0  # engine requests admitted and not yet done, counted on the event loop
-        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._targets: dict[str, _Target] = {}  # engine thread only
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="perfxllm-engine", daemon=True)
+    def __init__(
+        self, sock: socket.socket, info: EngineInfo, max_queue: int, worker: BaseProcess | threading.Thread
+    ) -> None:
+        self.info, self.max_queue, self.worker = info, max_queue, worker
+        self.metrics = Metrics(info.labels)
+        self.stats = EngineStats()  # the engine's state after its latest turn
+        self.num_in_flight = 0  # engine requests admitted and not yet done
+        self._sock = sock
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._targets: dict[str, tuple[RequestStream, int]] = {}  # request id -> (stream, choice index)
+        self._outbox: list[Any] = []  # commands for the engine, sent at the end of this turn of the loop
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False  # no new requests
+        self._engine_gone = False
 
-    # -- event loop side ------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    @classmethod
+    def spawn(cls, config: EngineConfig, max_queue: int) -> AsyncEngine:
+        """Start the engine in a new process; return once it has loaded the model."""
+        ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        ours, theirs = socket.socketpair()
+        process = ctx.Process(target=run_engine_process, args=(config, theirs), name="perfxllm-engine")
+        process.start()
+        theirs.close()
+        try:
+            info = recv_message(ours)
+        except EOFError:
+            process.join()
+            raise PerfxError(
+                f"the engine process exited (code {process.exitcode}) before the model was loaded"
+            ) from None
+        except BaseException:  # Ctrl-C while the model loads
+            process.kill()
+            raise
+        if isinstance(info, LoadFailed):
+            process.join()
+            raise PerfxError(info.message)
+        return cls(ours, info, max_queue, process)
+
+    @classmethod
+    def on_thread(cls, engine: Engine, max_queue: int) -> AsyncEngine:
+        """Run `engine` on a thread of this process: from here on only that thread touches it."""
+        ours, theirs = socket.socketpair()
+        thread = threading.Thread(target=EngineLoop(engine, theirs).run, name="perfxllm-engine", daemon=True)
+        thread.start()
+        return cls(ours, EngineInfo.of(engine), max_queue, thread)
+
+    # -- lifetime ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Talk to the engine from the running event loop."""
+        self._loop = asyncio.get_running_loop()
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._sock)
+        self._reader_task = asyncio.create_task(self._receive(reader))
+        self._flush()
 
     def stop(self) -> None:
         """Fail every request in flight and refuse new ones. Safe to call from a signal handler."""
         self._stopped = True
-        self._inbox.put(_STOP)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._abort_all)
 
     async def close(self) -> None:
-        """Stop, then end the engine thread (once no request can arrive any more)."""
-        self.stop()
-        self._inbox.put(_EXIT)
-        await asyncio.to_thread(self._thread.join, 60)
+        """Stop, then end the engine (once no request can arrive any more)."""
+        self._stopped = True
+        self._abort_all()
+        self._command(EXIT)
+        self._flush()
+        if self._writer is not None:
+            with contextlib.suppress(ConnectionError):
+                await self._writer.drain()
+        await asyncio.to_thread(self.worker.join, 60)
+        if isinstance(self.worker, BaseProcess) and self.worker.is_alive():
+            log.warning("the engine process did not exit in 60 s; killing it")
+            self.worker.kill()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopped
+        return not (self._stopped or self._engine_gone) and self.worker.is_alive()
 
-    @property
-    def native_thread_id(self) -> int | None:
-        return self._thread.native_id
-
+    # -- requests --------------------------------------------------------------------------------------------
     def submit(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
     ) -> RequestStream:
-        if self._stopped:
-            raise EngineStopped("the server is shutting down")
+        if self._stopped or self._engine_gone:
+            raise EngineStopped("the server is shutting down" if self._stopped else "the engine has stopped")
         if len(prompts) > self.max_queue:
             raise RequestError(
                 f"the request needs {len(prompts)} sequences; this server runs at most {self.max_queue}"
@@ -119,107 +162,63 @@ class AsyncEngine:
             )
         stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(prompts))])
         self.num_in_flight += len(prompts)
-        loop = asyncio.get_running_loop()
         for i, (rid, prompt, p) in enumerate(zip(stream.request_ids, prompts, params)):
             self.metrics.prompt_tokens += len(prompt)
-            self._inbox.put(_Add(rid, prompt, p, _Target(loop, stream, i)))
+            self._targets[rid] = (stream, i)
+            self._command(Add(rid, prompt, p))
         return stream
 
     def abort(self, request_ids: list[str]) -> None:
-        self._inbox.put(_Abort(request_ids))
+        for rid in request_ids:
+            self._targets.pop(rid, None)
+        self._command(Abort(request_ids))
 
-    # -- engine thread ---------------------------------------------------------------------------------------
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException:
-            log.exception("the engine thread died")
-            self._stopped = True
-            self._fail_all(EngineStopped("the engine thread died"))
-
-    def _loop(self) -> None:
-        while True:
-            commands = [self._inbox.get()] if not self._engine.has_unfinished() else []
-            while True:
-                try:
-                    commands.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for command in commands:
-                self._apply(command)
-            if _EXIT in commands:
-                return
-            if self._engine.has_unfinished():
-                self._step()
-            self._publish_stats()
-
-    def _apply(self, command: Any) -> None:
-        if command is _STOP:
-            self._fail_all(EngineStopped("the server is shutting down"))
-        elif isinstance(command, _Abort):
-            for rid in command.request_ids:
-                if self._targets.pop(rid, None) is not None:
-                    self._engine.abort(rid)
-        elif isinstance(command, _Add):
-            if self._stopped:
-                _send([(command.target, EngineStopped("the server is shutting down"))])
-                return
-            try:
-                self._engine.add_request(command.prompt_ids, command.params, command.request_id)
-            except Exception as e:  # RequestError, or a bug: either way only this request fails
-                _send([(command.target, e)])
-                return
-            self._targets[command.request_id] = command.target
-
-    def _step(self) -> None:
-        try:
-            outputs = self._engine.step()
-        except Exception as e:
-            log.exception("engine step failed; failing the %d requests in flight", len(self._targets))
-            self._fail_all(RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
-            return
-        sends = []
-        for out in outputs:
-            get = self._targets.pop if out.finished else self._targets.get
-            target = get(out.request_id, None)
-            if target is not None:
-                sends.append((target, out))
-        _send(sends)
+    def _abort_all(self) -> None:
+        self._fail_all(EngineStopped("the server is shutting down"))
+        self._command(STOP)
 
     def _fail_all(self, error: Exception) -> None:
-        _send([(target, error) for target in self._targets.values()])
-        for rid in self._targets:
-            try:
-                self._engine.abort(rid)
-            except Exception:
-                log.exception("could not abort %s", rid)
-        self._targets.clear()
+        targets, self._targets = self._targets, {}
+        for stream, index in targets.values():
+            stream.put(index, error)
 
-    def _publish_stats(self) -> None:
-        e = self._engine
-        self.stats = EngineStats(
-            num_waiting=len(e.scheduler.waiting),
-            num_running=len(e.scheduler.running),
-            kv_cache_usage=e.block_manager.usage,
-            prefix_cache_queries=e.block_manager.prefix_queries,
-            prefix_cache_hits=e.block_manager.prefix_hits,
-            num_preemptions=e.scheduler.num_preemptions,
-        )
+    # -- the connection --------------------------------------------------------------------------------------
+    def _command(self, command: Any) -> None:
+        self._outbox.append(command)
+        if len(self._outbox) == 1 and self._loop is not None:
+            self._loop.call_soon(self._flush)
 
+    def _flush(self) -> None:
+        """Send the commands of this turn as one message (buffered by the transport: nothing waits)."""
+        if self._writer is None or not self._outbox or self._engine_gone:
+            return
+        commands, self._outbox = self._outbox, []
+        self._writer.write(frame(commands))
 
-def _send(items: list[tuple[_Target, RequestOutput | Exception]]) -> None:
-    """Hand outputs to their streams: one call onto each event loop (there is one, in practice)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Target, RequestOutput | Exception]]] = {}
-    for target, item in items:
-        by_loop.setdefault(target.loop, []).append((target, item))
-    for loop, batch in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the event loop is closed: nobody is listening any more
-            loop.call_soon_threadsafe(_put_all, batch)
+    async def _receive(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+                self._deliver(pickle.loads(await reader.readexactly(size)))
+        except Exception as e:
+            if not isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):  # not the engine's exit
+                log.exception("reading the engine's results failed")
+            self._engine_gone = True
+            if not self._stopped:
+                log.error("the engine stopped; failing the %d requests in flight", len(self._targets))
+            self._fail_all(EngineStopped("the engine has stopped"))
 
-
-def _put_all(batch: list[tuple[_Target, RequestOutput | Exception]]) -> None:
-    for target, item in batch:
-        target.stream.put(target.index, item)
+    def _deliver(self, result: StepResult) -> None:
+        self.stats = result.stats
+        targets = self._targets
+        for out in result.outputs:
+            target = targets.pop(out.request_id, None) if out.finished else targets.get(out.request_id)
+            if target is not None:
+                target[0].put(target[1], out)
+        for rid, error in result.failed:
+            target = targets.pop(rid, None)
+            if target is not None:
+                target[0].put(target[1], error)
 
 
 def _merge(first: RequestOutput, later: RequestOutput) -> RequestOutput:

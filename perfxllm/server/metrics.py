@@ -3,7 +3,7 @@ need a client library).
 
 Per-request numbers (tokens, latencies, finish reasons) are recorded on the event loop as outputs arrive;
 the engine's own state (queue, running sequences, KV cache, prefix cache, preemptions) comes from the
-snapshot the engine thread publishes after every step.
+snapshot the engine sends after every step.
 """
 
 from __future__ import annotations

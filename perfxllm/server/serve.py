@@ -14,20 +14,19 @@ def run_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from perfxllm.server.app import ServerConfig, create_app
+        from perfxllm.server.async_engine import AsyncEngine
     except ImportError as e:
         raise PerfxError(
             f"perfxllm serve needs the server extra ({e}): pip install 'perfxllm[server]'"
         ) from None
     from perfxllm.cli import engine_options
     from perfxllm.engine.config import EngineConfig
-    from perfxllm.engine.engine import Engine
 
     if args.max_queue < 1 or args.max_body_mb <= 0:
         raise PerfxError("--max-queue and --max-body-mb must be positive")
-    engine = Engine(EngineConfig(model=args.model, **engine_options(args)))
+    engine = AsyncEngine.spawn(EngineConfig(model=args.model, **engine_options(args)), args.max_queue)
     config = ServerConfig(
         api_key=args.api_key or os.environ.get("PERFXLLM_API_KEY") or None,
-        max_queue=args.max_queue,
         max_body_bytes=int(args.max_body_mb * 2**20),
     )
     app = create_app(engine, config)

@@ -93,15 +93,16 @@ class ServerProcess(Server):
 
 
 class ThreadServer(Server):
-    """uvicorn on a thread of this process, around an Engine the test holds."""
+    """uvicorn on a thread of this process, around an Engine the test holds (on the engine's own thread)."""
 
-    def __init__(self, engine, config) -> None:
+    def __init__(self, engine, config, max_queue: int = 512) -> None:
         import uvicorn
 
         from perfxllm.server.app import create_app
+        from perfxllm.server.async_engine import AsyncEngine
 
         self.engine, self.api_key = engine, config.api_key
-        self.app = create_app(engine, config)
+        self.app = create_app(AsyncEngine.on_thread(engine, max_queue), config)
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=free_port(), log_level="warning")
         )

@@ -1,4 +1,4 @@
-"""The engine thread's hand-off to asyncio: outputs that pile up for a slow reader are read as one."""
+"""The engine's hand-off to asyncio: outputs that pile up for a slow reader are read as one."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.sampling_params import SamplingParams
 from perfxllm.server.async_engine import AsyncEngine
-from perfxllm.server.metrics import Metrics
 
 
 def test_a_reader_that_falls_behind_gets_the_piled_up_tokens_in_one_output(tiny_model_dir):
@@ -22,8 +21,8 @@ def test_a_reader_that_falls_behind_gets_the_piled_up_tokens_in_one_output(tiny_
         return [out async for _, out in stream]
 
     async def main() -> tuple[list, list]:
-        engine = AsyncEngine(Engine(EngineConfig(model=str(tiny_model_dir))), 8, Metrics({}))
-        engine.start()
+        engine = AsyncEngine.on_thread(Engine(EngineConfig(model=str(tiny_model_dir))), 8)
+        await engine.start()
         try:
             return await read(engine, "prompt-reader", False), await read(engine, "slow-reader", True)
         finally:

@@ -1,13 +1,17 @@
-"""Server behaviour that needs a hand on the Engine or the process (a failing step, an idle engine thread,
+"""Server behaviour that needs a hand on the Engine or the process (a failing step, the engine process,
 Ctrl-C mid-stream), and request forms, on a tiny random model: fast, and independent of the default model."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from tiny_models import save_tiny_model
 
@@ -19,7 +23,7 @@ from perfxllm.server.app import ServerConfig
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, thread_server):
     engine = Engine(EngineConfig(model=str(tiny_model_dir)))
-    with thread_server(engine, ServerConfig(max_queue=8)) as s:
+    with thread_server(engine, ServerConfig(), max_queue=8) as s:
         yield s
 
 
@@ -61,19 +65,65 @@ def test_engine_failure_fails_only_the_requests_in_flight(server):
     assert server.metric("perfxllm_requests_total", 'finish_reason="error"') == 2
 
 
-def test_idle_engine_thread_blocks_instead_of_spinning(server):
-    server.wait_idle()
-    stat = Path(f"/proc/self/task/{server.app.state.async_engine.native_thread_id}/stat")
-    if not stat.exists():
+def engine_process(server) -> int:
+    """The pid of `perfxllm serve`'s engine process: the child multiprocessing spawned to run a function
+    (the other is multiprocessing's resource tracker)."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children")
+    if not children.exists():
         pytest.skip("needs Linux /proc")
+    pids = map(int, children.read_text().split())
+    (pid,) = [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return pid
 
-    def cpu_ticks() -> int:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime + stime
 
-    before = cpu_ticks()
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime of all its threads, in 1/100 s
+
+
+@pytest.fixture(scope="module")
+def tiny_process_server(spawn_server, tiny_model_dir):
+    return spawn_server(str(tiny_model_dir)).wait_ready()
+
+
+def test_the_engine_runs_in_its_own_process_and_blocks_when_idle(tiny_process_server):
+    server = tiny_process_server
+    pid = engine_process(server)
+    assert completion(server, prompt="The quick")["usage"]["completion_tokens"] == 4
+    assert cpu_ticks(pid) > 100  # it loaded the model and ran the request
+    server.wait_idle()
+    before = cpu_ticks(pid)
     time.sleep(1.0)
-    assert cpu_ticks() - before <= 2  # clock ticks (1/100 s): a spinning thread would use ~100
+    assert cpu_ticks(pid) - before <= 2  # a spinning loop would use ~100
+
+
+def test_a_dead_engine_process_fails_the_streams_and_health(spawn_server, tiny_model_dir):
+    server = spawn_server(str(tiny_model_dir)).wait_ready()
+    body = {"prompt": "The quick", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with server.stream("/v1/completions", body) as r:
+        events = r.iter_lines()
+        assert next(e for e in events if e.startswith("data: "))
+        os.kill(engine_process(server), signal.SIGKILL)
+        rest = [e.removeprefix("data: ") for e in events if e.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    assert "engine has stopped" in json.loads(rest[-2])["error"]["message"]
+    assert server.proc.poll() is None  # the front end stays up, and says what is wrong
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 503
+    r = server.post("/v1/completions", json={"prompt": "The quick", "max_tokens": 4})
+    assert r.status_code == 503 and "engine has stopped" in r.json()["error"]["message"]
+
+
+def test_a_model_that_fails_to_load_is_a_clear_error(tmp_path):
+    broken = save_tiny_model(tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    done = subprocess.run(
+        [sys.executable, "-m", "perfxllm", "serve", str(broken), "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("perfxllm: error:") and "Traceback" not in done.stderr
 
 
 def test_several_prompts_and_token_ids(server):
