@@ -56,6 +56,15 @@ def test_matches_reference(name, tokens):
     check(prepack(w).matmul(x), w.matmul(x), 1e-4)
 
 
+@pytest.mark.parametrize(("g", "minima"), [(32, True), (64, False), (128, False), (16, True), (48, False)])
+def test_dequantize_is_exactly_the_formats(g, minima):
+    """The C dequantize (vectorised over 32 weights of a group, plain C for the rest) feeds the prefill GEMM
+    the reference's very weights, bit for bit."""
+    gen = torch.Generator().manual_seed(g)
+    w = random_int4(40, 4 * g, g, minima, gen)
+    assert torch.equal(prepack(w).dequantize(), w.dequantize())
+
+
 def test_other_dtypes_and_shapes_of_x():
     gen = torch.Generator().manual_seed(1)
     w = random_int4(64, 256, 32, False, gen)

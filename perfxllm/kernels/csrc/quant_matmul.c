@@ -338,6 +338,23 @@ void int8_matmul(const float* x, int64_t m, int64_t k, const int8_t* qweight, co
     }
 }
 
+#ifdef __AVX2__
+// 32 weights of one group from 16 bytes: out[2j] = low nibble j, out[2j+1] = high nibble j; then
+// (q - z) * s or q * s + m, multiply and add apart (no FMA), as the reference rounds.
+static inline __attribute__((always_inline)) void int4_dequantize_32(const uint8_t* qb, __m256 s, __m256 m,
+                                                                    __m256i z, int zeros_are_min, float* out) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)qb), low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    const __m128i pairs[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // in element order
+    for (int h = 0; h < 4; h++) {
+        __m256i q = _mm256_cvtepu8_epi32(h & 1 ? _mm_srli_si128(pairs[h / 2], 8) : pairs[h / 2]);
+        __m256 w = zeros_are_min ? _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), s), m)
+                                 : _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, z)), s);
+        _mm256_storeu_ps(out + 8 * h, w);
+    }
+}
+#endif
+
 // For long inputs (prefill), where a float32 GEMM beats these kernels: W [N, K] dequantized into out, float32,
 // with the reference's arithmetic ((q - z) * s, or q * s + m), so that the GEMM sees the very same weights.
 void int4_dequantize(const uint8_t* qweight, const uint16_t* scales, const void* zeros, int zeros_are_min,
@@ -349,7 +366,13 @@ void int4_dequantize(const uint8_t* qweight, const uint16_t* scales, const void*
             const float s = half_to_float(scales[j * ng + q]);
             const float m = zeros_are_min ? half_to_float(((const uint16_t*)zeros)[j * ng + q]) : 0.0f;
             const int z = zeros_are_min ? 0 : ((const uint8_t*)zeros)[j * ng + q];
-            for (int64_t i = q * g; i < (q + 1) * g; i += 2) {
+            int64_t i = q * g;
+#ifdef __AVX2__
+            for (; i + 32 <= (q + 1) * g; i += 32)
+                int4_dequantize_32(qweight + j * (k / 2) + i / 2, _mm256_set1_ps(s), _mm256_set1_ps(m),
+                                   _mm256_set1_epi32(z), zeros_are_min, out + j * k + i);
+#endif
+            for (; i < (q + 1) * g; i += 2) {
                 const uint8_t byte = qweight[j * (k / 2) + i / 2];
                 if (zeros_are_min) {
                     out[j * k + i] = (byte & 0x0F) * s + m;
