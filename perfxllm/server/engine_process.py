@@ -207,7 +207,10 @@ def _portable(e: Exception) -> Exception:
 
 def run_engine_process(config: EngineConfig, sock: socket.socket) -> None:
     """The engine process: build the Engine, say so (or why not), then serve the front end."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the front end stops us
+    # Ctrl-C (and a service manager's SIGTERM) reaches the whole process group: the front end ends this
+    # process once its requests are failed, and a front end that dies closes the socket, which ends it too.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = Engine(config)
     except PerfxError as e:
