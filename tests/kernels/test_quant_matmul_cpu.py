@@ -65,6 +65,16 @@ def test_dequantize_is_exactly_the_formats(g, minima):
     assert torch.equal(prepack(w).dequantize(), w.dequantize())
 
 
+@pytest.mark.parametrize("name", ["int4 g32 min (Q4_1)", "int4 g128 zeros", "int8 g32 (Q8_0)"])
+def test_the_gemm_path_in_blocks_of_rows(name, monkeypatch):
+    """Long inputs: W dequantized a block of rows at a time (here 7 rows: blocks that do not divide M)."""
+    gen = torch.Generator().manual_seed(3)
+    w = WEIGHTS[name](gen)
+    monkeypatch.setattr(quant_matmul_cpu, "GEMM_BLOCK_WEIGHTS", 7 * w.shape[1])
+    x = torch.randn(GEMM_MIN_TOKENS + 5, w.shape[1], generator=gen)
+    check(prepack(w).matmul(x), w.matmul(x), 1e-5)
+
+
 def test_other_dtypes_and_shapes_of_x():
     gen = torch.Generator().manual_seed(1)
     w = random_int4(64, 256, 32, False, gen)

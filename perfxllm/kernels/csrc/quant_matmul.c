@@ -388,5 +388,15 @@ void int4_dequantize(const uint8_t* qweight, const uint16_t* scales, const void*
 void int8_dequantize(const int8_t* qweight, const uint16_t* scales, int64_t n, int64_t k, int64_t g, float* out) {
 #pragma omp parallel for schedule(static)
     for (int64_t j = 0; j < n; j++)
-        for (int64_t i = 0; i < k; i++) out[j * k + i] = qweight[j * k + i] * half_to_float(scales[j * (k / g) + i / g]);
+        for (int64_t q = 0; q < k / g; q++) {
+            const float s = half_to_float(scales[j * (k / g) + q]);
+            int64_t i = q * g;
+#ifdef __AVX2__
+            for (; i + 8 <= (q + 1) * g; i += 8) {
+                const __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qweight + j * k + i)));
+                _mm256_storeu_ps(out + j * k + i, _mm256_mul_ps(_mm256_cvtepi32_ps(w), _mm256_set1_ps(s)));
+            }
+#endif
+            for (; i < (q + 1) * g; i++) out[j * k + i] = qweight[j * k + i] * s;
+        }
 }
