@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import multiprocessing
-import pickle
 import socket
 import threading
 import time
@@ -35,7 +34,6 @@ from perfxllm.errors import PerfxError, RequestError
 from perfxllm.sampling_params import SamplingParams
 from perfxllm.server.engine_process import (
     EXIT,
-    FRAME_HEADER,
     STOP,
     Abort,
     Add,
@@ -44,6 +42,7 @@ from perfxllm.server.engine_process import (
     LoadFailed,
     StepResult,
     frame,
+    read_message,
     recv_message,
     run_engine_process,
 )
@@ -198,8 +197,7 @@ class AsyncEngine:
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
-                self._deliver(pickle.loads(await reader.readexactly(size)))
+                self._deliver(await read_message(reader))
         except Exception as e:
             if not isinstance(e, (asyncio.IncompleteReadError, ConnectionError)):  # not the engine's exit
                 log.exception("reading the engine's results failed")

@@ -15,6 +15,7 @@ the GIL); the front end reads and writes with asyncio, so a step never waits on 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 import select
@@ -106,6 +107,12 @@ def recv_message(sock: socket.socket) -> Any:
     return pickle.loads(_recv_exactly(sock, size))
 
 
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    """recv_message for asyncio; asyncio.IncompleteReadError when the other end has closed."""
+    (size,) = FRAME_HEADER.unpack(await reader.readexactly(FRAME_HEADER.size))
+    return pickle.loads(await reader.readexactly(size))
+
+
 def _recv_exactly(sock: socket.socket, size: int) -> bytes:
     buf = bytearray(size)
     view, got = memoryview(buf), 0
@@ -122,7 +129,6 @@ class EngineLoop:
 
     def __init__(self, engine: Engine, sock: socket.socket) -> None:
         self.engine, self.sock = engine, sock
-        self._live: set[str] = set()  # requests added and not yet finished
         self._failed: list[tuple[str, Exception]] = []
 
     def run(self) -> None:
@@ -157,7 +163,7 @@ class EngineLoop:
 
     def _apply(self, command: Add | Abort | str) -> None:
         if command == STOP:
-            self._abort(list(self._live))
+            self._abort(list(self.engine.seqs))
         elif isinstance(command, Abort):
             self._abort(command.request_ids)
         elif isinstance(command, Add):
@@ -165,28 +171,21 @@ class EngineLoop:
                 self.engine.add_request(command.prompt_ids, command.params, command.request_id)
             except Exception as e:  # RequestError, or a bug: either way only this request fails
                 self._failed.append((command.request_id, _portable(e)))
-                return
-            self._live.add(command.request_id)
 
     def _abort(self, request_ids: list[str]) -> None:
-        for rid in request_ids:
-            if rid in self._live:
-                self._live.discard(rid)
-                self.engine.abort(rid)
+        for rid in request_ids:  # the engine's requests in flight; any other id is one that has ended
+            self.engine.abort(rid)
 
     def _step(self) -> list[RequestOutput]:
         try:
-            outputs = self.engine.step()
+            return self.engine.step()
         except Exception as e:
-            log.exception("engine step failed; failing the %d requests in flight", len(self._live))
+            in_flight = list(self.engine.seqs)
+            log.exception("engine step failed; failing the %d requests in flight", len(in_flight))
             error = RuntimeError(f"the engine failed: {type(e).__name__}: {e}")
-            self._failed += [(rid, error) for rid in self._live]
-            self._abort(list(self._live))
+            self._failed += [(rid, error) for rid in in_flight]
+            self._abort(in_flight)
             return []
-        for out in outputs:
-            if out.finished:
-                self._live.discard(out.request_id)
-        return outputs
 
     def _stats(self) -> EngineStats:
         e = self.engine
