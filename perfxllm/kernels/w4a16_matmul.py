@@ -171,17 +171,20 @@ def _quad_dot_ptx() -> str:
 
     The nibble pairs at bits (0, 16), (8, 24), (4, 20) and (12, 28) of a word are input channels (0, 1), (2, 3),
     (4, 5) and (6, 7) (see _NIBBLE_SHIFT). One LOP3 puts two nibbles into the mantissas of an fp16x2 of
-    1024 + q (or 1024 + 16 q for bits 4 and 12), one SUB (or FMA by 1/16) leaves q exactly, and one HFMA2
-    adds two products with x / X_PAIR_SCALE into a single fp16x2 chain over the 32 channels (16 products a
-    half, at most 16 * 15 * 65504 / 256 < 65504: no fp16 x overflows it); the two halves are then summed in
-    fp32. Operands: $0 the float32 sum, $1-$4 the words, $5-$20 the scaled pairs of x, four a word."""
+    1024 + q (or 1024 + 16 q for bits 4 and 12), one FMA leaves q / X_PAIR_SCALE exactly (a power of two,
+    and q / 256 has four significant bits), and one HFMA2 adds two products with x into a single fp16x2 chain
+    over the 32 channels (16 products a half, at most 16 * 15 / 256 * 65504 < 65504: no fp16 x overflows
+    it); the two halves are then summed in fp32. Operands: $0 the float32 sum, $1-$4 the words, $5-$20 the
+    pairs of x, four a word."""
     lines = [
-        ".reg .b32 t, a, b, c, d, k, s, o, p;",
+        ".reg .b32 t, a, b, c, d, k, r, m, s, o, p;",
         ".reg .b16 h0, h1;",
         ".reg .f32 f0, f1;",
         "mov.b32 k, 0x64006400;",  # fp16x2 (1024, 1024)
-        "mov.b32 s, 0x2C002C00;",  # 1/16
-        "mov.b32 o, 0xD400D400;",  # -64
+        "mov.b32 r, 0x1C001C00;",  # 1/256: (1024 + q) / 256 - 4 = q / 256
+        "mov.b32 m, 0xC400C400;",  # -4
+        "mov.b32 s, 0x0C000C00;",  # 1/4096: (1024 + 16 q) / 4096 - 1/4 = q / 256
+        "mov.b32 o, 0xB400B400;",  # -1/4
     ]
     for i in range(4):
         word, x = f"${1 + i}", [f"${5 + 4 * i + j}" for j in range(4)]
@@ -191,8 +194,8 @@ def _quad_dot_ptx() -> str:
             f"lop3.b32 b, {word}, 0x00f000f0, k, 0xea;",
             "lop3.b32 c, t, 0x000f000f, k, 0xea;",
             "lop3.b32 d, t, 0x00f000f0, k, 0xea;",
-            "sub.f16x2 a, a, k;",
-            "sub.f16x2 c, c, k;",
+            "fma.rn.f16x2 a, a, r, m;",
+            "fma.rn.f16x2 c, c, r, m;",
             "fma.rn.f16x2 b, b, s, o;",
             "fma.rn.f16x2 d, d, s, o;",
             f"mul.f16x2 p, a, {x[0]};" if i == 0 else f"fma.rn.f16x2 p, a, {x[0]}, p;",
@@ -205,8 +208,7 @@ def _quad_dot_ptx() -> str:
 
 
 _QUAD_DOT_PTX = tl.constexpr(_quad_dot_ptx())
-X_PAIR_SCALE = tl.constexpr(256.0)  # x enters the fp16 products divided by this (exact: a power of two)
-_X_PAIR_SCALE_PTX = tl.constexpr("{.reg .b32 k; mov.b32 k, 0x1C001C00; mul.f16x2 $0, $1, k;}")  # x / 256
+X_PAIR_SCALE = tl.constexpr(256.0)  # the nibbles enter the fp16 products divided by this
 
 
 @triton.jit
@@ -229,11 +231,6 @@ def _nibble_pair_dot(q, bit: tl.constexpr, pair):
     fp16 of pair."""
     lo, hi = _fp16_pair(pair)
     return ((q >> bit) & 0xF).to(tl.float32) * lo + ((q >> (bit + 16)) & 0xF).to(tl.float32) * hi
-
-
-@triton.jit
-def _x_pair_scaled(pair):
-    return tl.inline_asm_elementwise(_X_PAIR_SCALE_PTX, "=r,r", [pair], dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -275,8 +272,6 @@ def _quads_dot_x_pairs(q, x_pairs, ASM: tl.constexpr):
     q0, q1, q2, q3 = _split4(tl.reshape(q, [R, W4, 2, 2]))
     pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [1, W, pair]
     x_sum = tl.sum(tl.reshape(_fp16_pair_sum(pairs), [1, W4, 16]), axis=2)
-    if ASM:
-        pairs = _x_pair_scaled(pairs)
     return _quads_dot(q0, q1, q2, q3, tl.reshape(pairs, [1, W4, 2, 2, 2, 2]), ASM), x_sum
 
 
@@ -292,8 +287,6 @@ def _quads_dot_x_rows(q, x_pairs, ASM: tl.constexpr):
     W4: tl.constexpr = q.shape[1] // 4
     q0, q1, q2, q3 = _split4(tl.reshape(q, [1, R, W4, 2, 2]))
     pairs = tl.load(x_pairs[:, :, None] + tl.arange(0, 4)[None, None, :])  # [BN, W, pair]
-    if ASM:
-        pairs = _x_pair_scaled(pairs)
     by_word = tl.reshape(pairs, [BN, 1, W4, 2, 2, 2, 2])
     ones = tl.full([1, 1, W4], 0x11111111, tl.int32)
     return _quads_dot(q0, q1, q2, q3, by_word, ASM), _quads_dot(ones, ones, ones, ones, by_word, ASM)
@@ -302,7 +295,7 @@ def _quads_dot_x_rows(q, x_pairs, ASM: tl.constexpr):
 @triton.jit
 def _quads_dot(q0, q1, q2, q3, by_word, ASM: tl.constexpr):
     """The sums over four words' 32 channels of nibble * x / X_PAIR_SCALE: q0..q3 the words, by_word their
-    pairs of x [..., word (2 x 2), pair (2 x 2)] (scaled by _x_pair_scaled for the PTX)."""
+    pairs of x [..., word (2 x 2), pair (2 x 2)]."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3 = _by_word(by_word)
     if ASM:
         operands = [q0, q1, q2, q3, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3, d0, d1, d2, d3]
