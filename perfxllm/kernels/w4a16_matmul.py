@@ -45,6 +45,7 @@ import triton.language as tl
 
 from perfxllm.kernels._common import HALF_DTYPES, DiskTuner, check_tensor, interpreting, num_sms
 from perfxllm.kernels.pdl import pdl_enabled, pdl_launch_args, prefetch_l2, wait_for_inputs
+from perfxllm.kernels.silu_mul import silu_mul
 from perfxllm.quant.formats import Int4Weight, int4_format_name
 
 ONE_BITS = 0x3F800000  # the bits of float32 1.0
@@ -903,6 +904,7 @@ def w4a16_matmul(
         key = f"{bucket}:{m}:{k}:{w.group_size}:{x.dtype}:{sms}"
         g = w.group_size
         cold_weight = _cold_weights(w)
+        tuning_x = _after_a_kernel(x2) if n <= GEMV_ROWS_MAX else lambda: x2
         config = _tuner.pick(
             key,
             lambda: (
@@ -910,10 +912,26 @@ def w4a16_matmul(
                 if n == 1
                 else _gemm_configs(bucket, m, k, g, sms) + _gemv_rows_configs(bucket, m, k, g, sms, x.dtype)
             ),
-            lambda c: _launcher(n, c)(x2, cold_weight(), c),
+            lambda c: _launcher(n, c)(tuning_x(), cold_weight(), c),
             _build,
         )
     return _launcher(n, config)(x2, w, config, None if out is None else out.view(n, m)).view(*lead, m)
+
+
+def _after_a_kernel(x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """For tuning decode sizes: a function that returns x made anew by a short PDL kernel (SiLU-and-multiply
+    of x beside itself), as a decode step's matmuls get theirs from a norm, attention or SiLU. Timed one after
+    another instead, each GEMV's prefetch overlapped a whole GEMV, and configs 5-10% faster there were no
+    faster in the step (kernels-notes v10, v16)."""
+    gate_up: list[torch.Tensor] = []
+
+    def made() -> torch.Tensor:
+        with _cold_weights_lock:
+            if not gate_up:
+                gate_up.append(torch.cat([torch.zeros_like(x), x], dim=1))  # silu(0) * x = 0 * x: finite
+        return silu_mul(gate_up[0])
+
+    return made
 
 
 def _cold_weights(w: W4Packed) -> Callable[[], W4Packed]:

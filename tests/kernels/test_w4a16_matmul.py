@@ -301,3 +301,14 @@ def test_tuner_builds_each_kernel_once(monkeypatch):
     rows = mod._gemv_rows_configs(4, 12288, 4096, 128, 132, torch.float16)
     assert len({mod._build(c) for c in rows}) < len(rows)
     assert [mod._build(c) for c in mod._gemm_configs(256, 4096, 4096, 128, 132) if c.get("DEQUANT")] == [None]
+
+
+def test_tuning_input_comes_from_a_kernel(device):
+    """Decode sizes are tuned on x made anew by a short kernel each call (as in a decode step): same shape and
+    dtype, finite, and the caller's x untouched."""
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3)).half().to(device)
+    before = x.clone()
+    made = mod._after_a_kernel(x)
+    first, second = made(), made()
+    assert first.shape == x.shape and first.dtype == x.dtype and first.data_ptr() != second.data_ptr()
+    assert torch.isfinite(first).all() and torch.equal(x, before)
