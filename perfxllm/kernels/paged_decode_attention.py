@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from perfxllm.kernels._common import check_tensor, interpreting, num_sms
-from perfxllm.kernels.pdl import pdl_launch_args, wait_for_inputs
+from perfxllm.kernels.pdl import pdl_launch_args, prefetch_l2_each, wait_for_inputs
 from perfxllm.kernels.rope_attention_prefill import LOG2E, check_heads
 
 MERGE_ROWS = 128  # (query head, part) pairs one program merges: the partial outputs it holds at once
@@ -70,6 +70,32 @@ def _merge_parts(
     )
 
 
+@triton.jit
+def _prefetch_key_tile(
+    kc_ptr,
+    vc_ptr,
+    bt_ptr,
+    b,
+    stride_bt,
+    kvh,
+    start,
+    ctx,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The key and value lines of the tile of positions start.. (up to ctx) into L2."""
+    LINE: tl.constexpr = 1024 // kc_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+    LINES: tl.constexpr = D // LINE if D > LINE else 1
+    offs_n = tl.minimum(start + tl.arange(0, BLOCK_N), ctx - 1)
+    blk = tl.load(bt_ptr + b.to(tl.int64) * stride_bt + offs_n // BS)
+    row = (blk.to(tl.int64) * BS + offs_n % BS) * (HKV * D) + kvh * D
+    lines = row[:, None] + tl.arange(0, LINES)[None, :] * LINE
+    prefetch_l2_each(kc_ptr + lines)
+    prefetch_l2_each(vc_ptr + lines)
+
+
 @triton.jit(do_not_specialize=["stride_bt", "num_parts"])
 def _decode_attention_kernel(
     q_ptr,
@@ -99,10 +125,15 @@ def _decode_attention_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
-    wait_for_inputs(PDL)
+    # The context lengths, block tables and earlier keys are no kernel's output (the host wrote them before
+    # the step; only this step's key is new), so under PDL they are read while the previous kernel runs.
     ctx = tl.load(ctx_ptr + b)
     part_len = tl.cdiv(tl.cdiv(ctx, num_parts), BLOCK_N) * BLOCK_N  # whole key tiles
     start = part * part_len
+    if PDL:  # noqa: SIM102 (a constexpr branch of its own: no prefetch is compiled without PDL)
+        if start < ctx:
+            _prefetch_key_tile(kc_ptr, vc_ptr, bt_ptr, b, stride_bt, kvh, start, ctx, HKV, D, BS, BLOCK_N)
+    wait_for_inputs(PDL)
     if start < ctx:
         GROUP: tl.constexpr = HQ // HKV
         offs_h = tl.arange(0, BLOCK_H)

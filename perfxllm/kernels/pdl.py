@@ -62,3 +62,11 @@ def prefetch_l2(ptrs):
         is_pure=False,
         pack=4,
     )
+
+
+@triton.jit
+def prefetch_l2_each(ptrs):
+    """prefetch_l2 for pointers that each start a line of their own: one `prefetch.global.L2` for every pointer."""
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+    )
