@@ -6,6 +6,7 @@ Imports no triton (the torch-only ops use the checks on the CPU path too); tunin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -90,16 +91,19 @@ def num_sms(device: torch.device) -> int:
 
 class DiskTuner:
     """Picks the fastest of several configs for a key on first use, timing each on the GPU, and remembers
-    the choice in memory and in a JSON file (~/.cache/perfxllm/<name>.json or $PERFXLLM_CACHE_DIR).
+    the choice in memory and in a JSON file (~/.cache/perfxllm/<name>-<hash>.json or $PERFXLLM_CACHE_DIR).
+    The hash is of kernel_file, the module whose kernels are tuned: picks made for another version of them
+    (or by another way of timing them) are not reused.
 
     Each config is timed inside a CUDA graph, as the decode step runs it: timed from Python, a kernel of a
     few microseconds measures the launch overhead instead, and the pick is noise.
 
     Under the Triton interpreter nothing is timed: the first config is used."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, kernel_file: str) -> None:
         root = Path(os.environ.get("PERFXLLM_CACHE_DIR", Path.home() / ".cache" / "perfxllm"))
-        self.path = root / f"{name}.json"
+        digest = hashlib.sha256(Path(kernel_file).read_bytes()).hexdigest()[:12]
+        self.path = root / f"{name}-{digest}.json"
         self.best: dict[str, dict] | None = None
         self.picked: dict[str, dict] = {}  # this process's choices: a repeat call builds no candidate list
 

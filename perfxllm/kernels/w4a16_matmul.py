@@ -868,7 +868,7 @@ def _launch_gemm(x: torch.Tensor, w: W4Packed, cfg: dict, out: torch.Tensor | No
     return dest
 
 
-_tuner = DiskTuner("w4a16_matmul")
+_tuner = DiskTuner("w4a16_matmul", __file__)
 _cold_weights_lock = threading.Lock()  # one for all: an eager call that does not tune builds none
 
 

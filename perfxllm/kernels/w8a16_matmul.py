@@ -117,7 +117,7 @@ def _configs(n: int, g: int | None) -> list[dict]:
     return [c for c in cfgs if g is None or g % c["BLOCK_K"] == 0] or [{**cfgs[0], "BLOCK_K": g}]
 
 
-_tuner = DiskTuner("w8a16_matmul")
+_tuner = DiskTuner("w8a16_matmul", __file__)
 
 
 def w8a16_matmul(x: torch.Tensor, w: W8Packed, out: torch.Tensor | None = None) -> torch.Tensor:

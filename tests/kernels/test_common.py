@@ -38,7 +38,7 @@ def no_cuda_calls(monkeypatch):
 
 def test_tuner_builds_the_candidates_once_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path))
-    tuner = DiskTuner("test")
+    tuner = DiskTuner("test", __file__)
     built = []
 
     def candidates(tag: str) -> list[dict]:
@@ -52,6 +52,24 @@ def test_tuner_builds_the_candidates_once_per_key(tmp_path, monkeypatch):
     assert tuner.pick("a", lambda: candidates("a"), run) == first
     assert tuner.pick("b", lambda: candidates("b"), run) == {"BLOCK": 16, "tag": "b"}
     assert built == ["a", "b"]
+
+
+def test_tuner_keeps_picks_per_version_of_the_kernels(tmp_path, monkeypatch, no_cuda_calls):
+    """A pick made for one version of a kernel module is reused by that version alone: an upgrade that
+    changes the kernels (or how they are timed) tunes them again."""
+    monkeypatch.setenv("PERFXLLM_CACHE_DIR", str(tmp_path / "cache"))
+    module = tmp_path / "kernels.py"
+    module.write_text("# version 1\n")
+    monkeypatch.setattr("perfxllm.kernels._common._compile_all", lambda *args: None)
+    monkeypatch.setattr("perfxllm.kernels._common.time_in_graph", lambda fn: fn())
+    configs = [{"BLOCK": 16}, {"BLOCK": 32}]
+    v1 = DiskTuner("op", str(module))
+    assert v1._tuned("k", configs, lambda cfg: 1.0 / cfg["BLOCK"], repr) == {"BLOCK": 32}
+    assert DiskTuner("op", str(module))._tuned("k", configs, lambda cfg: 1 / 0, repr) == {"BLOCK": 32}
+    module.write_text("# version 2\n")
+    v2 = DiskTuner("op", str(module))
+    assert v2.path != v1.path
+    assert v2._tuned("k", configs, lambda cfg: float(cfg["BLOCK"]), repr) == {"BLOCK": 16}
 
 
 def test_unspecialized_arguments_are_parameters():
@@ -91,7 +109,7 @@ def test_tuner_skips_a_config_that_fails_to_build(tmp_path, monkeypatch, no_cuda
         return cfg["BLOCK"]
 
     configs = [{"BLOCK": 16}, {"BLOCK": 64}, {"BLOCK": 32}]
-    assert DiskTuner("test")._tuned("k", configs, run, repr) == {"BLOCK": 32}
+    assert DiskTuner("test", __file__)._tuned("k", configs, run, repr) == {"BLOCK": 32}
 
 
 def test_the_cpu_path_imports_without_triton():
