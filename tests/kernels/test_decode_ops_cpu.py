@@ -28,9 +28,16 @@ def test_add_rmsnorm():
 
 
 def test_silu_mul():
-    gate_up = torch.randn(4, 2 * 1536, generator=torch.Generator().manual_seed(1)) * 4
+    gate_up = torch.randn(4, 2 * 1539, generator=torch.Generator().manual_seed(1)) * 4  # 1539: a scalar tail
+    # values at exp's clamped range and past it
+    gate_up[0, :6] = torch.tensor([-200.0, -88.0, -30.0, 30.0, 88.0, 200.0])
     gate, up = gate_up.chunk(2, dim=-1)
-    assert close(decode_ops_cpu.silu_mul(gate_up), F.silu(gate) * up)
+    want = F.silu(gate.double()) * up.double()
+    got = decode_ops_cpu.silu_mul(gate_up)
+    assert close(got.double(), want, 1e-6)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-30)  # elementwise too
+    gate_up[1, 5] = float("nan")
+    assert decode_ops_cpu.silu_mul(gate_up)[1, 5].isnan()
 
 
 def paged(hq: int, hkv: int, d: int, lens: list[int], block_size: int, gen: torch.Generator):
@@ -70,11 +77,25 @@ def test_rope_cache_write():
         assert cache.view(32, -1)[untouched].eq(0).all() and cache.view(32, -1)[~untouched].ne(0).all()
 
 
-def test_decode_attention():
+@pytest.mark.parametrize(
+    "hq, hkv, d, lens, spike",
+    [
+        (9, 3, 64, [1, 17, 200, 64], False),
+        # contexts of one whole chunk of scores (256), past it, and over several, with a key in the fourth chunk
+        # whose score (about 500) is far above the first chunks': summed against their maximum, its weight
+        # would overflow
+        (32, 8, 128, [256, 257, 1000, 3], True),
+    ],
+)
+def test_decode_attention(hq, hkv, d, lens, spike):
     gen = torch.Generator().manual_seed(3)
-    hq, hkv, d, block_size, lens = 9, 3, 64, 16, [1, 17, 200, 64]
+    block_size = 16
     tables, k_cache, v_cache = paged(hq, hkv, d, lens, block_size, gen)
-    q = torch.randn(len(lens), hq, d, generator=gen)
+    q = torch.randn(len(lens), hq, d, generator=gen) * 3
+    if spike:
+        b, p = 2, 900
+        slot = int(tables[b, p // block_size]) * block_size + p % block_size
+        k_cache.view(-1, hkv, d)[slot] = 5 * q[b, :: hq // hkv]  # the first query head of each kv head
     meta = AttentionMetadata(
         query_lens=[1] * len(lens),
         context_lens=torch.tensor(lens, dtype=torch.int32),
@@ -82,5 +103,6 @@ def test_decode_attention():
         block_tables=tables,
         max_context_len=max(lens),
     )
-    got = decode_ops_cpu.decode_attention(q, k_cache, v_cache, tables, meta.context_lens, 0.125)
-    assert close(got, paged_attention_ref(q, k_cache, v_cache, meta, 0.125))
+    scale = d**-0.5
+    got = decode_ops_cpu.decode_attention(q, k_cache, v_cache, tables, meta.context_lens, scale)
+    assert close(got, paged_attention_ref(q, k_cache, v_cache, meta, scale))

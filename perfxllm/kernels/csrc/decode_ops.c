@@ -5,6 +5,77 @@
 #include <stdint.h>
 
 #include "cpu_kernels.h"
+#ifdef __AVX2__
+#include <immintrin.h>
+
+// e^x for 8 floats, within 2 ulp of expf: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-6
+// polynomial, 2^n put into the exponent. Inputs are clamped to [-87.3, 88.4], where 2^n stays a normal float
+// (e^x of less comes out as 1.2e-38 instead of smaller or 0); NaN stays NaN.
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), _mm256_max_ps(_mm256_set1_ps(-87.3365447504f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts: r exact
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+#endif
+
+// s[j] = e^(s[j] - m) for j < n; returns their sum.
+static float exp_shifted(float* s, int64_t n, float m) {
+    float total = 0.0f;
+    int64_t j = 0;
+#ifdef __AVX2__
+    __m256 sum = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, sum);
+    for (int i = 0; i < 8; i++) total += lanes[i];
+#endif
+    for (; j < n; j++) total += s[j] = expf(s[j] - m);
+    return total;
+}
+
+#ifdef __AVX2__
+// out[j] = scale * (q . k_j) for four rows k_j of d floats (d a multiple of 8): four independent FMA chains.
+static inline void dot4(const float* q, const float* const* k, int64_t d, float scale, float* out) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[0] + i), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[1] + i), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[2] + i), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[3] + i), a3);
+    }
+    const __m256 sums = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
+    const __m128 total = _mm_add_ps(_mm256_castps256_ps128(sums), _mm256_extractf128_ps(sums, 1));
+    _mm_storeu_ps(out, _mm_mul_ps(total, _mm_set1_ps(scale)));
+}
+
+// o += w[0] v_0 + ... + w[3] v_3 for four rows v_j of d floats (d a multiple of 8).
+static inline void axpy4(float* o, const float* w, const float* const* v, int64_t d) {
+    const __m256 w0 = _mm256_set1_ps(w[0]), w1 = _mm256_set1_ps(w[1]), w2 = _mm256_set1_ps(w[2]),
+                 w3 = _mm256_set1_ps(w[3]);
+    for (int64_t i = 0; i < d; i += 8) {
+        __m256 acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(v[0] + i), _mm256_loadu_ps(o + i));
+        acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(v[1] + i), acc);
+        acc = _mm256_fmadd_ps(w2, _mm256_loadu_ps(v[2] + i), acc);
+        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w3, _mm256_loadu_ps(v[3] + i), acc));
+    }
+}
+#endif
 
 // res_out = x + residual (residual may be NULL: res_out unused), out = res_out * rsqrt(mean(res_out^2) + eps) * w.
 void add_rmsnorm_f32(const float* x, const float* residual, const float* w, int64_t rows, int64_t h, float eps,
@@ -24,11 +95,21 @@ void add_rmsnorm_f32(const float* x, const float* residual, const float* w, int6
 
 // gate_up [T, 2I] (gate | up) -> out [T, I] = silu(gate) * up.
 void silu_mul_f32(const float* gate_up, int64_t rows, int64_t inter, float* out) {
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < inter; i++) {
-            const float g = gate_up[r * 2 * inter + i];
-            out[r * inter + i] = g / (1.0f + expf(-g)) * gate_up[r * 2 * inter + inter + i];
+    for (int64_t r = 0; r < rows; r++) {
+        const float* gate = gate_up + r * 2 * inter;
+        const float* up = gate + inter;
+        float* o = out + r * inter;
+        int64_t i = 0;
+#ifdef __AVX2__
+        for (; i + 8 <= inter; i += 8) {
+            const __m256 g = _mm256_loadu_ps(gate + i);
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                                  _mm256_loadu_ps(up + i)));
         }
+#endif
+        for (; i < inter; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
 }
 
 // Rotates the first `rot_heads` heads of each token's qkv row in place (q then k heads, rotate_half layout,
@@ -58,8 +139,12 @@ void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, i
     }
 }
 
+#define ATTENTION_CHUNK 256  // positions whose scores are computed before they are exponentiated together
+
 // One query token per sequence: out[b, h] = softmax(q[b, h] . K * scale) V over the sequence's context_lens[b]
-// cached positions, found through its block table, in one pass with a running maximum (no buffer of scores).
+// cached positions, found through its block table. Chunk by chunk: the chunk's scores (four positions at a
+// time), then their exponentials (8 at a time) against the running maximum, which rescales what is summed so
+// far when a chunk raises it, then the weighted values (four positions at a time).
 // q [B, Hq, D] with row stride q_stride; caches [blocks, block_size, Hkv, D]; out [B, Hq, D].
 void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                           const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t batch,
@@ -69,27 +154,49 @@ void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache
         for (int64_t h = 0; h < hq; h++) {
             const int64_t ctx = context_lens[b], kvh = h / (hq / hkv);
             const float* qh = q + b * q_stride + h * d;
+            const int32_t* table = block_tables + b * table_width;
             float* o = out + (b * hq + h) * d;
+            float scores[ATTENTION_CHUNK];
+            const float* k[ATTENTION_CHUNK];
+            const float* v[ATTENTION_CHUNK];
             float running_max = -INFINITY, total = 0.0f;
             for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-            for (int64_t p = 0; p < ctx; p++) {
-                const int64_t slot = (int64_t)block_tables[b * table_width + p / block_size] * block_size + p % block_size;
-                const float* k = k_cache + (slot * hkv + kvh) * d;
-                const float* v = v_cache + (slot * hkv + kvh) * d;
-                float s = 0.0f;
+            for (int64_t p0 = 0; p0 < ctx; p0 += ATTENTION_CHUNK) {
+                const int64_t n = ctx - p0 < ATTENTION_CHUNK ? ctx - p0 : ATTENTION_CHUNK;
+                for (int64_t j = 0; j < n; j++) {
+                    const int64_t p = p0 + j, slot = (int64_t)table[p / block_size] * block_size + p % block_size;
+                    k[j] = k_cache + (slot * hkv + kvh) * d;
+                    v[j] = v_cache + (slot * hkv + kvh) * d;
+                }
+                int64_t j = 0;
+#ifdef __AVX2__
+                if (d % 8 == 0)
+                    for (; j + 4 <= n; j += 4) dot4(qh, k + j, d, scale, scores + j);
+#endif
+                for (; j < n; j++) {
+                    float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < d; i++) s += qh[i] * k[i];
-                s *= scale;
-                if (s > running_max) {  // rescale what is summed so far to the new maximum
-                    const float shrink = expf(running_max - s);
+                    for (int64_t i = 0; i < d; i++) s += qh[i] * k[j][i];
+                    scores[j] = s * scale;
+                }
+                float chunk_max = -INFINITY;
+                for (j = 0; j < n; j++) chunk_max = fmaxf(chunk_max, scores[j]);
+                if (chunk_max > running_max) {  // rescale what is summed so far to the new maximum
+                    const float shrink = expf(running_max - chunk_max);
                     total *= shrink;
                     for (int64_t i = 0; i < d; i++) o[i] *= shrink;
-                    running_max = s;
+                    running_max = chunk_max;
                 }
-                const float w = expf(s - running_max);
-                total += w;
+                total += exp_shifted(scores, n, running_max);
+                j = 0;
+#ifdef __AVX2__
+                if (d % 8 == 0)
+                    for (; j + 4 <= n; j += 4) axpy4(o, scores + j, v + j, d);
+#endif
+                for (; j < n; j++) {
 #pragma omp simd
-                for (int64_t i = 0; i < d; i++) o[i] += w * v[i];
+                    for (int64_t i = 0; i < d; i++) o[i] += scores[j] * v[j][i];
+                }
             }
             for (int64_t i = 0; i < d; i++) o[i] /= total;
         }
