@@ -80,11 +80,14 @@ def test_rope_cache_write():
 @pytest.mark.parametrize(
     "hq, hkv, d, lens, spike",
     [
-        (9, 3, 64, [1, 17, 200, 64], False),
+        (9, 3, 64, [1, 17, 200, 64], None),
         # contexts of one whole chunk of scores (256), past it, and over several, with a key in the fourth chunk
-        # whose score (about 500) is far above the first chunks': summed against their maximum, its weight
-        # would overflow
-        (32, 8, 128, [256, 257, 1000, 3], True),
+        # of sequence 2 whose score (about 500) is far above the first chunks': summed against their maximum,
+        # its weight would overflow
+        (32, 8, 128, [256, 257, 1000, 3], (2, 900)),
+        # one sequence and one kv head: the context is cut into parts (for any thread count), the spike in the
+        # last; merged against the first part's maximum, its weight would overflow
+        (4, 1, 64, [1000], (0, 990)),
     ],
 )
 def test_decode_attention(hq, hkv, d, lens, spike):
@@ -93,7 +96,7 @@ def test_decode_attention(hq, hkv, d, lens, spike):
     tables, k_cache, v_cache = paged(hq, hkv, d, lens, block_size, gen)
     q = torch.randn(len(lens), hq, d, generator=gen) * 3
     if spike:
-        b, p = 2, 900
+        b, p = spike
         slot = int(tables[b, p // block_size]) * block_size + p % block_size
         k_cache.view(-1, hkv, d)[slot] = 5 * q[b, :: hq // hkv]  # the first query head of each kv head
     meta = AttentionMetadata(

@@ -2,7 +2,9 @@
 // their references (perfxllm.layers: norm, activation, rotary, attention), whose per-op dispatch costs more
 // than their arithmetic at one token. Same math as the references, float32 throughout.
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "cpu_kernels.h"
 #ifdef __AVX2__
@@ -141,63 +143,120 @@ void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, i
 
 #define ATTENTION_CHUNK 256  // positions whose scores are computed before they are exponentiated together
 
+// Attention of the `group` query heads q[0..group) of one kv head over positions [start, end) of a sequence:
+// per head, its scores' maximum and the sum of their exponentials (against that maximum) in stats[2 h] and
+// stats[2 h + 1], and the exponential-weighted sum of values, not normalised, in o[h * d ..]. Chunk by chunk:
+// the chunk's scores (four positions at a time, every head's before the next four, so that each key is read
+// from memory once for the group), their exponentials (8 at a time) against the running maximum, which
+// rescales what is summed so far when a chunk raises it, then the weighted values (likewise).
+static void attend_part(const float* q, int64_t group, const float* k_cache, const float* v_cache,
+                        const int32_t* table, int64_t start, int64_t end, int64_t hkv, int64_t kvh, int64_t d,
+                        int64_t block_size, float scale, float* o, float* stats) {
+    float scores[group][ATTENTION_CHUNK];
+    const float* k[ATTENTION_CHUNK];
+    const float* v[ATTENTION_CHUNK];
+    for (int64_t h = 0; h < group; h++) {
+        stats[2 * h] = -INFINITY;
+        stats[2 * h + 1] = 0.0f;
+    }
+    for (int64_t i = 0; i < group * d; i++) o[i] = 0.0f;
+    for (int64_t p0 = start; p0 < end; p0 += ATTENTION_CHUNK) {
+        const int64_t n = end - p0 < ATTENTION_CHUNK ? end - p0 : ATTENTION_CHUNK;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t p = p0 + j, slot = (int64_t)table[p / block_size] * block_size + p % block_size;
+            k[j] = k_cache + (slot * hkv + kvh) * d;
+            v[j] = v_cache + (slot * hkv + kvh) * d;
+        }
+        int64_t j = 0;
+#ifdef __AVX2__
+        if (d % 8 == 0)
+            for (; j + 4 <= n; j += 4)
+                for (int64_t h = 0; h < group; h++) dot4(q + h * d, k + j, d, scale, scores[h] + j);
+#endif
+        for (; j < n; j++)
+            for (int64_t h = 0; h < group; h++) {
+                float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < d; i++) s += q[h * d + i] * k[j][i];
+                scores[h][j] = s * scale;
+            }
+        for (int64_t h = 0; h < group; h++) {
+            float chunk_max = -INFINITY, *running_max = stats + 2 * h, *total = stats + 2 * h + 1;
+            for (j = 0; j < n; j++) chunk_max = fmaxf(chunk_max, scores[h][j]);
+            if (chunk_max > *running_max) {  // rescale what is summed so far to the new maximum
+                const float shrink = expf(*running_max - chunk_max);
+                *total *= shrink;
+                for (int64_t i = 0; i < d; i++) o[h * d + i] *= shrink;
+                *running_max = chunk_max;
+            }
+            *total += exp_shifted(scores[h], n, *running_max);
+        }
+        j = 0;
+#ifdef __AVX2__
+        if (d % 8 == 0)
+            for (; j + 4 <= n; j += 4)
+                for (int64_t h = 0; h < group; h++) axpy4(o + h * d, scores[h] + j, v + j, d);
+#endif
+        for (; j < n; j++)
+            for (int64_t h = 0; h < group; h++) {
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) o[h * d + i] += scores[h][j] * v[j][i];
+            }
+    }
+}
+
+#define MAX_ATTENTION_PARTS 8
+
 // One query token per sequence: out[b, h] = softmax(q[b, h] . K * scale) V over the sequence's context_lens[b]
-// cached positions, found through its block table. Chunk by chunk: the chunk's scores (four positions at a
-// time), then their exponentials (8 at a time) against the running maximum, which rescales what is summed so
-// far when a chunk raises it, then the weighted values (four positions at a time).
+// cached positions, found through its block table. Work items are (sequence, kv head, part of the context):
+// each attends with all the query heads of its kv head (attend_part); contexts are cut into as many parts as
+// give every thread two items, and the parts' sums are then merged per query head (flash-decoding).
 // q [B, Hq, D] with row stride q_stride; caches [blocks, block_size, Hkv, D]; out [B, Hq, D].
 void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
                           const int32_t* block_tables, int64_t table_width, const int32_t* context_lens, int64_t batch,
                           int64_t hq, int64_t hkv, int64_t d, int64_t block_size, float scale, float* out) {
-#pragma omp parallel for schedule(static) collapse(2)
-    for (int64_t b = 0; b < batch; b++)
-        for (int64_t h = 0; h < hq; h++) {
-            const int64_t ctx = context_lens[b], kvh = h / (hq / hkv);
-            const float* qh = q + b * q_stride + h * d;
-            const int32_t* table = block_tables + b * table_width;
-            float* o = out + (b * hq + h) * d;
-            float scores[ATTENTION_CHUNK];
-            const float* k[ATTENTION_CHUNK];
-            const float* v[ATTENTION_CHUNK];
-            float running_max = -INFINITY, total = 0.0f;
-            for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-            for (int64_t p0 = 0; p0 < ctx; p0 += ATTENTION_CHUNK) {
-                const int64_t n = ctx - p0 < ATTENTION_CHUNK ? ctx - p0 : ATTENTION_CHUNK;
-                for (int64_t j = 0; j < n; j++) {
-                    const int64_t p = p0 + j, slot = (int64_t)table[p / block_size] * block_size + p % block_size;
-                    k[j] = k_cache + (slot * hkv + kvh) * d;
-                    v[j] = v_cache + (slot * hkv + kvh) * d;
+    const int64_t group = hq / hkv;
+    int64_t parts = 1;
+    while (parts < MAX_ATTENTION_PARTS && batch * hkv * parts < 2 * omp_get_max_threads()) parts *= 2;
+    // per (sequence, query head, part): d sums of values, then the maximum and the sum of exponentials
+    float* partial = malloc(batch * hq * parts * (d + 2) * sizeof(float));
+#pragma omp parallel
+    {
+#pragma omp for schedule(static) collapse(3)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t kvh = 0; kvh < hkv; kvh++)
+                for (int64_t part = 0; part < parts; part++) {
+                    const int64_t ctx = context_lens[b], len = (ctx + parts - 1) / parts;
+                    const int64_t start = part * len < ctx ? part * len : ctx;
+                    const int64_t end = start + len < ctx ? start + len : ctx;
+                    float* first = partial + ((b * hq + kvh * group) * parts + part) * (d + 2);
+                    float o[group * d], stats[2 * group];
+                    attend_part(q + b * q_stride + kvh * group * d, group, k_cache, v_cache,
+                                block_tables + b * table_width, start, end, hkv, kvh, d, block_size, scale, o, stats);
+                    for (int64_t h = 0; h < group; h++) {
+                        float* dst = first + h * parts * (d + 2);
+                        for (int64_t i = 0; i < d; i++) dst[i] = o[h * d + i];
+                        dst[d] = stats[2 * h];
+                        dst[d + 1] = stats[2 * h + 1];
+                    }
                 }
-                int64_t j = 0;
-#ifdef __AVX2__
-                if (d % 8 == 0)
-                    for (; j + 4 <= n; j += 4) dot4(qh, k + j, d, scale, scores + j);
-#endif
-                for (; j < n; j++) {
-                    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t i = 0; i < d; i++) s += qh[i] * k[j][i];
-                    scores[j] = s * scale;
+#pragma omp for schedule(static) collapse(2)
+        for (int64_t b = 0; b < batch; b++)
+            for (int64_t h = 0; h < hq; h++) {
+                const float* rows = partial + (b * hq + h) * parts * (d + 2);
+                float m = -INFINITY, total = 0.0f;
+                for (int64_t part = 0; part < parts; part++) m = fmaxf(m, rows[part * (d + 2) + d]);
+                float* o = out + (b * hq + h) * d;
+                for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+                for (int64_t part = 0; part < parts; part++) {
+                    const float* r = rows + part * (d + 2);
+                    if (r[d + 1] == 0.0f) continue;  // an empty part
+                    const float w = expf(r[d] - m);
+                    total += w * r[d + 1];
+                    for (int64_t i = 0; i < d; i++) o[i] += w * r[i];
                 }
-                float chunk_max = -INFINITY;
-                for (j = 0; j < n; j++) chunk_max = fmaxf(chunk_max, scores[j]);
-                if (chunk_max > running_max) {  // rescale what is summed so far to the new maximum
-                    const float shrink = expf(running_max - chunk_max);
-                    total *= shrink;
-                    for (int64_t i = 0; i < d; i++) o[i] *= shrink;
-                    running_max = chunk_max;
-                }
-                total += exp_shifted(scores, n, running_max);
-                j = 0;
-#ifdef __AVX2__
-                if (d % 8 == 0)
-                    for (; j + 4 <= n; j += 4) axpy4(o, scores + j, v + j, d);
-#endif
-                for (; j < n; j++) {
-#pragma omp simd
-                    for (int64_t i = 0; i < d; i++) o[i] += scores[j] * v[j][i];
-                }
+                for (int64_t i = 0; i < d; i++) o[i] /= total;
             }
-            for (int64_t i = 0; i < d; i++) o[i] /= total;
-        }
+    }
+    free(partial);
 }
