@@ -919,10 +919,10 @@ def w4a16_matmul(
 
 
 def _after_a_kernel(x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """For tuning decode sizes: a function that returns x made anew by a short PDL kernel (SiLU-and-multiply
-    of x beside itself), as a decode step's matmuls get theirs from a norm, attention or SiLU. Timed one after
-    another instead, each GEMV's prefetch overlapped a whole GEMV, and configs 5-10% faster there were no
-    faster in the step (kernels-notes v10, v16)."""
+    """For tuning decode sizes: a function that returns an input shaped like x (zeros: SiLU of zeros times
+    x) made anew by a short PDL kernel, as a decode step's matmuls get theirs from a norm, attention or SiLU.
+    Timed one after another instead, each GEMV's prefetch overlapped a whole GEMV, and configs 5-10% faster
+    there were no faster in the step (kernels-notes v10, v16)."""
     gate_up: list[torch.Tensor] = []
 
     def made() -> torch.Tensor:

@@ -143,23 +143,24 @@ void rope_cache_write_f32(float* qkv, int64_t tokens, int64_t hq, int64_t hkv, i
 
 #define ATTENTION_CHUNK 256  // positions whose scores are computed before they are exponentiated together
 
-// Attention of the `group` query heads q[0..group) of one kv head over positions [start, end) of a sequence:
-// per head, its scores' maximum and the sum of their exponentials (against that maximum) in stats[2 h] and
-// stats[2 h + 1], and the exponential-weighted sum of values, not normalised, in o[h * d ..]. Chunk by chunk:
+// Attention of the `group` query heads q[0..group) of one kv head over positions [start, end) of a sequence,
+// into one row of d + 2 floats per head, head h's at rows + h * head_stride: the exponential-weighted sum of
+// values (not normalised), then the scores' maximum and the sum of their exponentials. Chunk by chunk:
 // the chunk's scores (four positions at a time, every head's before the next four, so that each key is read
 // from memory once for the group), their exponentials (8 at a time) against the running maximum, which
 // rescales what is summed so far when a chunk raises it, then the weighted values (likewise).
 static void attend_part(const float* q, int64_t group, const float* k_cache, const float* v_cache,
                         const int32_t* table, int64_t start, int64_t end, int64_t hkv, int64_t kvh, int64_t d,
-                        int64_t block_size, float scale, float* o, float* stats) {
+                        int64_t block_size, float scale, float* rows, int64_t head_stride) {
     float scores[group][ATTENTION_CHUNK];
     const float* k[ATTENTION_CHUNK];
     const float* v[ATTENTION_CHUNK];
     for (int64_t h = 0; h < group; h++) {
-        stats[2 * h] = -INFINITY;
-        stats[2 * h + 1] = 0.0f;
+        float* row = rows + h * head_stride;
+        for (int64_t i = 0; i < d; i++) row[i] = 0.0f;
+        row[d] = -INFINITY;
+        row[d + 1] = 0.0f;
     }
-    for (int64_t i = 0; i < group * d; i++) o[i] = 0.0f;
     for (int64_t p0 = start; p0 < end; p0 += ATTENTION_CHUNK) {
         const int64_t n = end - p0 < ATTENTION_CHUNK ? end - p0 : ATTENTION_CHUNK;
         for (int64_t j = 0; j < n; j++) {
@@ -181,26 +182,28 @@ static void attend_part(const float* q, int64_t group, const float* k_cache, con
                 scores[h][j] = s * scale;
             }
         for (int64_t h = 0; h < group; h++) {
-            float chunk_max = -INFINITY, *running_max = stats + 2 * h, *total = stats + 2 * h + 1;
+            float* row = rows + h * head_stride;  // row[d]: the running maximum, row[d + 1]: the total
+            float chunk_max = -INFINITY;
             for (j = 0; j < n; j++) chunk_max = fmaxf(chunk_max, scores[h][j]);
-            if (chunk_max > *running_max) {  // rescale what is summed so far to the new maximum
-                const float shrink = expf(*running_max - chunk_max);
-                *total *= shrink;
-                for (int64_t i = 0; i < d; i++) o[h * d + i] *= shrink;
-                *running_max = chunk_max;
+            if (chunk_max > row[d]) {  // rescale what is summed so far to the new maximum
+                const float shrink = expf(row[d] - chunk_max);
+                for (int64_t i = 0; i < d; i++) row[i] *= shrink;
+                row[d + 1] *= shrink;
+                row[d] = chunk_max;
             }
-            *total += exp_shifted(scores[h], n, *running_max);
+            row[d + 1] += exp_shifted(scores[h], n, row[d]);
         }
         j = 0;
 #ifdef __AVX2__
         if (d % 8 == 0)
             for (; j + 4 <= n; j += 4)
-                for (int64_t h = 0; h < group; h++) axpy4(o + h * d, scores[h] + j, v + j, d);
+                for (int64_t h = 0; h < group; h++) axpy4(rows + h * head_stride, scores[h] + j, v + j, d);
 #endif
         for (; j < n; j++)
             for (int64_t h = 0; h < group; h++) {
+                float* row = rows + h * head_stride;
 #pragma omp simd
-                for (int64_t i = 0; i < d; i++) o[h * d + i] += scores[h][j] * v[j][i];
+                for (int64_t i = 0; i < d; i++) row[i] += scores[h][j] * v[j][i];
             }
     }
 }
@@ -229,16 +232,9 @@ void decode_attention_f32(const float* q, int64_t q_stride, const float* k_cache
                     const int64_t ctx = context_lens[b], len = (ctx + parts - 1) / parts;
                     const int64_t start = part * len < ctx ? part * len : ctx;
                     const int64_t end = start + len < ctx ? start + len : ctx;
-                    float* first = partial + ((b * hq + kvh * group) * parts + part) * (d + 2);
-                    float o[group * d], stats[2 * group];
                     attend_part(q + b * q_stride + kvh * group * d, group, k_cache, v_cache,
-                                block_tables + b * table_width, start, end, hkv, kvh, d, block_size, scale, o, stats);
-                    for (int64_t h = 0; h < group; h++) {
-                        float* dst = first + h * parts * (d + 2);
-                        for (int64_t i = 0; i < d; i++) dst[i] = o[h * d + i];
-                        dst[d] = stats[2 * h];
-                        dst[d + 1] = stats[2 * h + 1];
-                    }
+                                block_tables + b * table_width, start, end, hkv, kvh, d, block_size, scale,
+                                partial + ((b * hq + kvh * group) * parts + part) * (d + 2), parts * (d + 2));
                 }
 #pragma omp for schedule(static) collapse(2)
         for (int64_t b = 0; b < batch; b++)
