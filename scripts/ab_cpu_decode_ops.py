@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from perfxllm.bench import current_commit
+from perfxllm.bench.kernels import _paged_setup
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.kernels import cpu_lib
@@ -68,23 +69,12 @@ def median_us(fn, n: int) -> float:
     return round(statistics.median(times) * 1e6, 2)
 
 
-def paged_cache(hq: int, hkv: int, d: int, lens: list[int], block_size: int, gen: torch.Generator):
-    blocks = [-(-n // block_size) for n in lens]
-    order = torch.randperm(sum(blocks), generator=gen).int()
-    tables = torch.zeros(len(lens), max(blocks), dtype=torch.int32)
-    start = 0
-    for b, n in enumerate(blocks):
-        tables[b, :n] = order[start : start + n]
-        start += n
-    shape = (sum(blocks), block_size, hkv, d)
-    return tables, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-
-
 def kernels(libs: dict[str, ctypes.CDLL]) -> list[dict]:
-    rows, gen = [], torch.Generator().manual_seed(0)
+    rows = []
+    torch.manual_seed(0)
     for hq, hkv, d, ctx, batch in ATTENTION_CASES:
-        tables, kc, vc = paged_cache(hq, hkv, d, [ctx] * batch, 16, gen)
-        q, lens = torch.randn(batch, hq, d, generator=gen), torch.full((batch,), ctx, dtype=torch.int32)
+        kc, vc, tables = _paged_setup([ctx] * batch, hkv, d, 16, device="cpu", dtype=torch.float32)
+        q, lens = torch.randn(batch, hq, d), torch.full((batch,), ctx, dtype=torch.int32)
         out = torch.empty_like(q)
         args = (q.data_ptr(), q.stride(0), kc.data_ptr(), vc.data_ptr(), tables.data_ptr(), tables.shape[1])
         rest = (lens.data_ptr(), batch, hq, hkv, d, 16, d**-0.5, out.data_ptr())

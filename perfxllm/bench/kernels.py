@@ -177,13 +177,21 @@ def bench_elementwise(r: Runner) -> None:
     r.row("silu_mul", inter, 2 * inter, t // 2, us, base, 3 * t // 2 * inter * 2, 0)
 
 
-def _paged_setup(lens: list[int], hkv: int, d: int, block_size: int = 16) -> tuple:
+def _paged_setup(
+    lens: list[int],
+    hkv: int,
+    d: int,
+    block_size: int = 16,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.half,
+) -> tuple:
+    """Random k and v caches and block tables for contexts of `lens`, the blocks shuffled."""
     blocks_per_seq = [-(-n // block_size) for n in lens]
     total = sum(blocks_per_seq)
-    k_cache = torch.randn(total + 8, block_size, hkv, d, device="cuda").half()
+    k_cache = torch.randn(total + 8, block_size, hkv, d, device=device).to(dtype)
     v_cache = torch.randn_like(k_cache)
-    perm = torch.randperm(total + 8, device="cuda").to(torch.int32)
-    tables = torch.zeros(len(lens), max(blocks_per_seq), dtype=torch.int32, device="cuda")
+    perm = torch.randperm(total + 8, device=device).to(torch.int32)
+    tables = torch.zeros(len(lens), max(blocks_per_seq), dtype=torch.int32, device=device)
     start = 0
     for b, nb in enumerate(blocks_per_seq):
         tables[b, :nb] = perm[start : start + nb]
