@@ -42,12 +42,12 @@ ATTENTION_CASES = [  # (query heads, kv heads, head dim, context, batch)
 def build_base(rev: str, out_dir: Path) -> ctypes.CDLL:
     src = out_dir / "csrc"
     src.mkdir()
-    names = subprocess.run(
-        ["git", "ls-tree", "--name-only", rev, "perfxllm/kernels/csrc/"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-tree", "--name-only", rev, "perfxllm/kernels/csrc/"], capture_output=True, text=True
+    )
+    names = listed.stdout.split()
+    if listed.returncode or not names:
+        raise SystemExit(f"{rev!r} is not a commit of this repository with perfxllm/kernels/csrc")
     for name in names:
         text = subprocess.run(
             ["git", "show", f"{rev}:{name}"], capture_output=True, text=True, check=True
@@ -133,6 +133,8 @@ def cpu_name() -> str:
 
 
 def main() -> None:
+    if len(sys.argv) != 3:
+        raise SystemExit(__doc__)
     base, out = sys.argv[1], Path(sys.argv[2])
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"base": build_base(base, Path(tmp)), "this": cpu_lib.load()}
