@@ -6,6 +6,7 @@ FastAPI's 422) and an oversized one a 413 before it is all read.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,11 +18,12 @@ from typing import TypeVar
 from fastapi import APIRouter, Depends, FastAPI, Request
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from perfxllm.server.async_engine import AsyncEngine
-from perfxllm.server.disconnect import cancel_on_disconnect
+from perfxllm.server.disconnect import CLIENT_CLOSED_REQUEST, cancel_on_disconnect
 from perfxllm.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, validation_error
 from perfxllm.server.serving import OpenAIServing
 
@@ -101,14 +103,17 @@ def create_app(async_engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def prometheus() -> Response:
         return PlainTextResponse(metrics.render(async_engine.stats), media_type="text/plain; version=0.0.4")
 
+    def accepting() -> bool:
+        return async_engine.alive
+
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await read_json(request, CompletionRequest, config.max_body_bytes)
+        req = await read_json(request, CompletionRequest, config.max_body_bytes, accepting)
         return await cancel_on_disconnect(request, serving.completions(req))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await read_json(request, ChatCompletionRequest, config.max_body_bytes)
+        req = await read_json(request, ChatCompletionRequest, config.max_body_bytes, accepting)
         return await cancel_on_disconnect(request, serving.chat(req))
 
     app.include_router(api)
@@ -129,16 +134,26 @@ def _authorize(api_key: str) -> Callable[[Request], Awaitable[None]]:
     return check
 
 
-async def read_json(request: Request, model: type[M], limit: int) -> M:
+async def read_json(request: Request, model: type[M], limit: int, accepting: Callable[[], bool]) -> M:
+    """The body, validated. accepting: whether the server still takes requests (at shutdown, a read that a
+    silent client holds up is cancelled after the grace period; it is answered, not logged as a crash)."""
     too_large = APIError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # gone before its body was all sent: nobody to answer
+        raise APIError(CLIENT_CLOSED_REQUEST, "The client closed the request.") from None
+    except asyncio.CancelledError:
+        if accepting():
+            raise
+        asyncio.current_task().uncancel()
+        raise APIError(503, "The server is shutting down.", type="server_error", code="unavailable") from None
     try:
         return model.model_validate_json(body)
     except ValidationError as e:

@@ -1,22 +1,28 @@
 """The OpenAI wire format: request models (validated strictly, so that `"max_tokens": "5"` is an error rather
 than a guess), response models, and the error body every 4xx/5xx carries.
 
-Unknown fields are ignored, as OpenAI does; known fields whose values would change the meaning of a request
-in a way this server does not implement (tools, JSON mode, echo, ...) are rejected rather than ignored.
+A field a request model does not declare is answered with a 400, as OpenAI does ("Unrecognized request
+argument"): a client that sends vLLM's `stop_token_ids` or `min_tokens` learns that they are not honoured.
+OpenAI's fields that change nothing here (`user`, `store`, `metadata`, ...) are declared and accepted; known
+fields whose values would change the meaning of a request in a way this server does not implement (tools,
+JSON mode, echo, ...) are rejected rather than ignored. Stop strings are bounded (MAX_STOP, MAX_STOP_CHARS):
+they are matched against every generated token, on the engine's one thread.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from perfxllm.errors import RequestError
 from perfxllm.sampling_params import SamplingParams
 
 MAX_N = 16
+MAX_STOP = 16  # stop strings a request (OpenAI: 4)
+MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
@@ -43,7 +49,7 @@ class APIError(Exception):
 
 
 # Pydantic names the member of a union in an error's location ("prompt", "list[int]", 0): not a field.
-_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|constrained-str|list\[.*\]|dict\[.*\]|[A-Z]\w*)$")
 
 
 def validation_error(e: ValidationError) -> APIError:
@@ -55,6 +61,9 @@ def validation_error(e: ValidationError) -> APIError:
         )
     if errors[0]["type"] == "model_type" and not errors[0]["loc"]:
         return APIError.invalid("The request body must be a JSON object.")
+    unknown = [_param(x["loc"]) for x in errors if x["type"] == "extra_forbidden"]
+    if unknown:
+        return APIError.invalid(f"Unrecognized request argument supplied: {unknown[0]}.", unknown[0])
     depth = max(len(x["loc"]) for x in errors)
     deepest = [(_param(x["loc"]), x["msg"]) for x in errors if len(x["loc"]) == depth]
     param = deepest[0][0]
@@ -72,8 +81,11 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Stop = Annotated[str, StringConstraints(max_length=MAX_STOP_CHARS)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = None
     temperature: float = 1.0
@@ -83,14 +95,18 @@ class _Request(BaseModel):
     repetition_penalty: float = 1.0  # extension
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    stop: str | list[str] = Field(default_factory=list)
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOP)] = Field(default_factory=list)
     seed: int | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens tokens
     logit_bias: dict[str, float] | None = None
+    # OpenAI's, accepted and without effect here
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +116,8 @@ class _Request(BaseModel):
     def check_supported(self) -> None:
         if self.logit_bias:
             raise APIError.invalid("logit_bias is not supported by this server.", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError.invalid("stream_options is only allowed when stream is true.", "stream_options")
 
     @property
     def include_usage(self) -> bool:
@@ -174,12 +192,19 @@ class ChatCompletionRequest(_Request):
     response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.tools or self.functions or self.tool_choice not in (None, "none"):
             raise APIError.invalid("Tool calling is not supported by this server.", "tools")
+        if self.function_call not in (None, "none"):
+            raise APIError.invalid("Function calling is not supported by this server.", "function_call")
+        if self.modalities not in (None, ["text"]):
+            raise APIError.invalid("Only the text modality is supported by this server.", "modalities")
         if self.response_format is not None and self.response_format.type != "text":
             raise APIError.invalid(
                 f"response_format {self.response_format.type!r} is not supported; only 'text' is.",

@@ -8,6 +8,8 @@ from types import FrameType
 
 from perfxllm.errors import PerfxError
 
+SHUTDOWN_GRACE_S = 5
+
 
 def run_serve(args: argparse.Namespace) -> int:
     try:
@@ -39,9 +41,16 @@ def run_serve(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     # Idle connections are kept longer than clients keep theirs (httpx, and so the openai client: 5 s, as
-    # uvicorn's default): a client then never sends a request on a connection the server is closing.
+    # uvicorn's default): a client then never sends a request on a connection the server is closing. At
+    # shutdown, a connection still open after SHUTDOWN_GRACE_S (a client that stopped sending its body) is
+    # closed, instead of holding the server up for as long as it stays.
     uvicorn_config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_keep_alive=75,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     Server(uvicorn_config).run()
     return 0

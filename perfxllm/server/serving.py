@@ -67,6 +67,9 @@ class OpenAIServing:
     async def completions(self, req: CompletionRequest) -> Response:
         self._check(req)
         prompts = await self._completion_prompts(req.prompt)
+        self._check_room(
+            max(map(len, prompts)), req.max_tokens if "max_tokens" in req.model_fields_set else None
+        )
         params = [req.sampling_params(req.max_tokens, req.logprobs, i) for _ in prompts for i in range(req.n)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = self._submit(request_id, [p for p in prompts for _ in range(req.n)], params)
@@ -134,6 +137,7 @@ class OpenAIServing:
             raise APIError.invalid(f"{e}.", "messages") from None
         prompt = self._check_prompt(prompt, "messages")
         max_tokens = req.requested_max_tokens
+        self._check_room(len(prompt), max_tokens)
         if max_tokens is None:
             max_tokens = self.max_model_len - len(prompt)
         top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -187,6 +191,19 @@ class OpenAIServing:
                 f"The model '{req.model}' does not exist: this server serves '{self.model_name}'.",
                 param="model",
                 code="model_not_found",
+            )
+
+    def _check_room(self, prompt_tokens: int, max_tokens: int | None) -> None:
+        """As in vLLM and OpenAI, a max_tokens that the context cannot hold after the prompt is an error (one
+        left out is cut to the room there is)."""
+        if max_tokens is not None and prompt_tokens + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens, but {prompt_tokens} "
+                f"prompt tokens and max_tokens={max_tokens} make {prompt_tokens + max_tokens}: reduce the "
+                "prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
 
     def _check_prompt(self, ids: list[int], param: str) -> list[int]:

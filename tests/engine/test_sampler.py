@@ -392,6 +392,10 @@ def test_extreme_repetition_penalty_samples_without_nan(penalty):
     assert all(0 <= s.token_id < 4 for s in samples)
     if penalty < 1:
         assert samples[0].token_id == 0  # 2.0 / 1e-300 is the largest by far
+    logprobs = sampler()(
+        logits[:1], [seq([0, 1, 2], rid="lp", repetition_penalty=penalty, logprobs=2)]
+    ).samples()[0]
+    assert math.isfinite(logprobs.logprob) and all(math.isfinite(v) for _, v in logprobs.top_logprobs)
 
 
 def test_seed_range():

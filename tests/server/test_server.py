@@ -281,6 +281,39 @@ BAD_REQUESTS = {
     ),
     "no messages": ("/v1/chat/completions", {"messages": []}, 400, "'messages'"),
     "top_logprobs alone": ("/v1/chat/completions", _chat(top_logprobs=2), 400, "logprobs"),
+    "unknown parameter": (
+        "/v1/completions",
+        {"prompt": "hi", "stop_token_ids": [2]},
+        400,
+        "Unrecognized request argument supplied: stop_token_ids",
+    ),
+    "stream_options without stream": (
+        "/v1/completions",
+        {"prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
+    "too many stop strings": (
+        "/v1/completions",
+        {"prompt": "hi", "stop": list("abcdefghijklmnopq")},
+        400,
+        "'stop'",
+    ),
+    "a stop string too long": ("/v1/completions", {"prompt": "hi", "stop": ["x" * 257]}, 400, "'stop[0]'"),
+    "max_tokens past the context": (
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 2**70},
+        400,
+        "maximum context length",
+    ),
+    "chat max_tokens past the context": (
+        "/v1/chat/completions",
+        _chat(max_completion_tokens=10**6),
+        400,
+        "maximum context length",
+    ),
+    "function_call": ("/v1/chat/completions", _chat(function_call="auto"), 400, "Function calling"),
+    "audio": ("/v1/chat/completions", _chat(modalities=["text", "audio"]), 400, "modality"),
 }
 
 
@@ -297,6 +330,23 @@ def test_bad_request_gets_a_clear_4xx_and_harms_nothing(server, model, case):
         "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0}
     )
     assert good.status_code == 200
+
+
+def test_openais_fields_without_effect_here_are_accepted(client, model):
+    """user, store, metadata, service_tier and parallel_tool_calls change nothing on this server, and an
+    OpenAI client may send them."""
+    done = client.completions.create(model=model, prompt="hi", max_tokens=2, user="u1")
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=2,
+        user="u1",
+        store=False,
+        metadata={"k": "v"},
+        service_tier="auto",
+        parallel_tool_calls=False,
+    )
+    assert done.choices[0].finish_reason and chat.choices[0].finish_reason
 
 
 def test_api_key_guards_everything_but_health(server, model):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from tiny_models import save_tiny_model
 from perfxllm.engine.config import EngineConfig
 from perfxllm.engine.engine import Engine
 from perfxllm.server.app import ServerConfig
+from perfxllm.server.serve import SHUTDOWN_GRACE_S
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +99,9 @@ def test_the_engine_runs_in_its_own_process_and_blocks_when_idle(tiny_process_se
     assert cpu_ticks(pid) - before <= 2  # a spinning loop would use ~100
 
 
-def test_a_dead_engine_process_fails_the_streams_and_health(spawn_server, tiny_model_dir):
-    server = spawn_server(str(tiny_model_dir)).wait_ready()
+def test_a_dead_engine_process_fails_the_streams_and_health(spawn_server, tmp_path):
+    model = save_tiny_model(tmp_path / "long-context", max_position_embeddings=8192)
+    server = spawn_server(str(model)).wait_ready()
     body = {"prompt": "The quick", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with server.stream("/v1/completions", body) as r:
         events = r.iter_lines()
@@ -161,6 +164,28 @@ def test_ctrl_c_ends_streams_in_flight_and_exits(spawn_server, tmp_path):
     assert time.monotonic() - started < 15
     log = server.log.read_text()
     assert "Traceback" not in log and "Finished server process" in log
+
+
+def test_a_client_that_stops_sending_its_body_harms_nothing(spawn_server, tiny_model_dir):
+    """A client gone before its body was all sent gets no traceback and no 500; one that stays silent holds
+    up the shutdown for SHUTDOWN_GRACE_S at most."""
+    server = spawn_server(str(tiny_model_dir)).wait_ready()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    port = int(server.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as gone:
+        gone.sendall(head + b'{"prompt":')
+        time.sleep(0.5)
+    server.wait_for(lambda: server.metric("perfxllm_http_errors_total", 'status="499"') == 1, "the 499")
+    assert server.metric("perfxllm_http_errors_total", 'status="500"') == 0
+    assert completion(server, prompt="hi", max_tokens=2)["choices"]
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.sendall(head + b'{"prompt":')
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(30)
+        assert time.monotonic() - started < SHUTDOWN_GRACE_S + 10
+    assert "Traceback" not in server.log.read_text()
 
 
 @pytest.mark.parametrize(
