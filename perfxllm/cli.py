@@ -10,6 +10,20 @@ from collections.abc import Callable
 from perfxllm.errors import PerfxError
 
 
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high]; outside, argparse's one-line usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # a ValueError is argparse's "invalid int value"
+        if value < low or (high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def add_engine_args(p: argparse.ArgumentParser, model_positional: bool = False) -> None:
     if model_positional:
         p.add_argument(
@@ -166,7 +180,11 @@ def cmd_export_gguf(args: argparse.Namespace) -> int:
     from perfxllm.model.gguf_writer import write_gguf
     from perfxllm.model.loader import open_checkpoint
 
-    write_gguf(open_checkpoint(args.model, args.random_weights, dequantize=True), args.output, args.type)
+    ckpt = open_checkpoint(args.model, args.random_weights, dequantize=True)
+    try:
+        write_gguf(ckpt, args.output, args.type)
+    except OSError as e:
+        raise PerfxError(f"cannot write {args.output}: {e.strerror or e}") from None
     print(f"wrote {args.output}")
     return 0
 
@@ -241,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--group-size", type=int, default=128, help="int4 group size: 128, 64 or 32 (default: 128)"
     )
     p.add_argument("--calib", default=None, help="calibration text file (default: Python's pydoc topics)")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default: 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default: 512)")
+    p.add_argument("--n-samples", type=int_in(1), default=128, help="calibration samples (default: 128)")
+    p.add_argument(
+        "--seq-len", type=int_in(2), default=512, help="tokens per calibration sample (default: 512)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     p.add_argument("--dtype", default="auto", help="compute dtype (default: float32 on CPU, float16 on GPU)")
     p.add_argument(
@@ -270,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text", default=None, help="text file (default: the held-out 20%% of Python's pydoc topics)"
     )
-    p.add_argument("--ctx", type=int, default=512, help="tokens per window (default: 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default: all)")
+    p.add_argument("--ctx", type=int_in(2), default=512, help="tokens per window (default: 512)")
+    p.add_argument(
+        "--max-windows", type=int_in(1), default=None, help="score at most N windows (default: all)"
+    )
     p.add_argument(
         "--dequantize",
         action="store_true",
@@ -285,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int_in(0, 65535), default=8000)
     p.add_argument(
         "--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $PERFXLLM_API_KEY)"
     )
@@ -317,22 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the same GGUF. GPU: random-weight models of real shapes against the bandwidth roofline.",
     )
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int_in(1), default=5)
     p.add_argument("--out-dir", default="benchmarks/results", help="where e2e-<device>.json and .png go")
     cpu = p.add_argument_group("--device cpu")
     cpu.add_argument(
         "model", nargs="?", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)"
     )
     cpu.add_argument(
-        "--threads", type=int, default=None, help="threads for both engines (default: the cores)"
+        "--threads", type=int_in(1), default=None, help="threads for both engines (default: the cores)"
     )
     cpu.add_argument("--no-llama-cpp", action="store_true", help="only perfxllm")
     gpu = p.add_argument_group("--device cuda")
     gpu.add_argument("--random-weights", default="llama2-7b", help="model shape (default: llama2-7b)")
     gpu.add_argument("--quant", nargs="+", default=["int4", "fp16"], choices=["int4", "int8", "fp16"])
-    gpu.add_argument("--prompt-len", type=int, default=512)
-    gpu.add_argument("--gen-len", type=int, default=128)
-    gpu.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to decode at (default 1)")
+    gpu.add_argument("--prompt-len", type=int_in(1), default=512)
+    gpu.add_argument("--gen-len", type=int_in(1), default=128)
+    gpu.add_argument(
+        "--batch", type=int_in(1), nargs="+", default=[1], help="batch sizes to decode at (default 1)"
+    )
     gpu.add_argument("--sweep", action="store_true", help="also decode at batch 1, 2, 4 .. 64")
     gpu.add_argument("--hf", action="store_true", help="also time Hugging Face transformers fp16 generate")
     p = bench.add_parser(
@@ -374,8 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PerfxError as e:
         print(f"perfxllm: error: {e}", file=sys.stderr)

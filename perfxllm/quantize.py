@@ -27,8 +27,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.bits == 4 and args.group_size not in INT4_GROUP_SIZES:
         raise PerfxError(f"--group-size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}")
     out = Path(args.output)
-    if out.exists() and any(out.iterdir()):
-        raise PerfxError(f"{out} exists and is not empty")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PerfxError(f"{out} exists and is not an empty folder")
     device = resolve_device(args.device)
     ckpt = open_checkpoint(args.src, dequantize=True)
     if isinstance(ckpt.source, QuantizedFolder):
@@ -37,11 +37,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise PerfxError(f"--seq-len {args.seq_len} is longer than the model's context")
     spec = QuantSpec(args.bits, args.group_size)
     cfg = ckpt.config
-    try:  # every projection's input width takes some group size
-        for k in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size):
-            spec.group_size_for(k)
-    except ValueError as e:
-        raise PerfxError(f"{ckpt.path}: {e}") from None
+    spec.check_fits(cfg, ckpt.path)
+    try:  # before the minutes of quantizing, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PerfxError(f"cannot make {out}: {e.strerror or e}") from None
     model = build_model(ckpt, device, resolve_dtype(args.dtype, device, cfg))
     samples = None
     if args.method == "awq":

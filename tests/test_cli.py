@@ -114,3 +114,51 @@ def test_default_model_path_is_found():
 def test_bench_kernels_options_parse_and_it_asks_for_a_gpu(tmp_path):
     r = perfxllm("bench", "kernels", "--out-dir", str(tmp_path), "--only", "w4")
     assert_clean_error(r, "needs a CUDA GPU")
+
+
+def test_unknown_device(tiny_llama):
+    assert_clean_error(perfxllm("generate", "-m", str(tiny_llama), "--device", "nonsense", "hi"), "nonsense")
+    assert_clean_error(perfxllm("generate", "-m", str(tiny_llama), "--device", "meta", "hi"), "meta")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("serve", "--port", "70000"),
+        ("eval", "ppl", "--ctx", "0"),
+        ("quantize", "-o", "out", "--n-samples", "0"),
+        ("bench", "e2e", "--repeats", "0"),
+        ("bench", "e2e", "--threads", "-1"),
+    ],
+)
+def test_out_of_range_option_is_a_usage_error(args):
+    r = perfxllm(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "must be" in r.stderr.splitlines()[-1]
+
+
+def test_quantize_refuses_an_output_that_is_a_file_before_quantizing(tiny_llama, tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert_clean_error(perfxllm("quantize", str(tiny_llama), "-o", str(taken), "--method", "rtn"), "taken")
+
+
+def test_int4_on_load_of_a_model_whose_widths_take_no_group(tmp_path):
+    folder = save_tiny_model(tmp_path / "m", intermediate_size=100)
+    r = perfxllm("generate", "-m", str(folder), "--quantization", "int4", "hi")
+    assert_clean_error(r, "not a multiple of 32")
+
+
+def test_prompt_bytes_that_are_not_utf8(tiny_llama):
+    r = subprocess.run(
+        [sys.executable, "-m", "perfxllm", "generate", "-m", str(tiny_llama), "-n", "2", b"caf\xe9"],
+        capture_output=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr.decode()
+
+
+def test_eval_record_that_is_not_json_is_refused_before_the_evaluation(tiny_llama, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not json")
+    assert_clean_error(perfxllm("eval", "ppl", str(tiny_llama), "--record", str(notes)), "notes.txt")

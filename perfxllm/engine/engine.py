@@ -51,7 +51,12 @@ class RequestOutput:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise PerfxError(f"--device must be auto, cpu or cuda (or cuda:N), got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PerfxError("--device cuda was asked for, but no CUDA GPU is available")
     return dev
@@ -74,6 +79,7 @@ def load_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
         from perfxllm.quant.on_load import QuantizeOnLoad
 
         ckpt.source = QuantizeOnLoad(ckpt.source, config.quantization)
+        ckpt.source.spec.check_fits(ckpt.config, ckpt.path)
     return ckpt
 
 

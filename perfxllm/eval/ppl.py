@@ -84,13 +84,28 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def record(path: str, name: str, entry: dict) -> None:
-    """Add (or replace) one named result in a JSON results file."""
+def read_results(path: str) -> dict:
+    """A JSON results file's contents ({} if there is none yet), checked before the evaluation's minutes."""
     p = Path(path)
-    results = json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        results = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PerfxError(f"--record {path} is not a JSON results file: {e}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("results", {}), dict):
+        raise PerfxError(f"--record {path} is not a JSON results file: no 'results' object")
+    return results
+
+
+def record(path: str, results: dict, name: str, entry: dict) -> None:
+    """Add (or replace) one named result in results and write them to path."""
     results.setdefault("results", {})[name] = entry
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(results, indent=2) + "\n")
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    except OSError as e:
+        raise PerfxError(f"cannot write --record {path}: {e.strerror or e}") from None
 
 
 def run_eval_ppl(args: argparse.Namespace) -> int:
@@ -100,6 +115,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     from perfxllm.quant.calibration import default_eval_text, read_text
 
     device = resolve_device(args.device)
+    results = read_results(args.record) if args.record else {}
     ckpt = open_checkpoint(args.model, args.random_weights, dequantize=args.dequantize)
     if args.ctx > ckpt.config.max_position_embeddings:
         raise PerfxError(
@@ -118,6 +134,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     if args.record:
         record(
             args.record,
+            results,
             args.name or Path(ckpt.path).name,
             {
                 **asdict(result),

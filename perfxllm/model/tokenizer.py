@@ -3,6 +3,7 @@ chat template, rendered in a sandboxed Jinja environment because templates ship 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import tokenizers
@@ -10,6 +11,10 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from perfxllm.errors import RequestError
+
+# Lone surrogates: bytes that are not UTF-8 on the command line or stdin (Python keeps them as U+DC80-U+DCFF),
+# or a JSON string's unpaired \ud800 escape. (Escaped pairs are joined into the character they encode.)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _token_text(tok: Any) -> str | None:
@@ -52,6 +57,8 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        if _SURROGATE.search(text):  # the tokenizer refuses them: make them U+FFFD, as a decoder would
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]

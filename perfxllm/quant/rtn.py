@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from perfxllm.errors import PerfxError
+from perfxllm.model.config import ModelConfig
 from perfxllm.quant.formats import Int4Weight, Int8Weight, int4_group_size, pack_int4
 
 
@@ -62,6 +64,14 @@ class QuantSpec:
     def group_size_for(self, k: int) -> int:
         """The group size of a layer with K input channels (int8: the whole row)."""
         return int4_group_size(k, self.group_size) if self.bits == 4 else k
+
+    def check_fits(self, cfg: ModelConfig, name: str) -> None:
+        """A PerfxError naming the model unless every projection's input width takes a group size."""
+        try:
+            for k in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size):
+                self.group_size_for(k)
+        except ValueError as e:
+            raise PerfxError(f"{name}: {e}") from None
 
     def quantize(self, w: torch.Tensor, clip: Clip = NO_CLIP) -> Int4Weight | Int8Weight:
         """clip: int8's range is symmetric, so it takes clip's high end for both."""
