@@ -15,3 +15,9 @@ class UnsupportedError(PerfxError):
 
 class RequestError(PerfxError):
     """A request the engine cannot take (e.g. a prompt longer than the context)."""
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """A value as an error message quotes it: its repr, cut short (a corrupt field can be a long array)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."

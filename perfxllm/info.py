@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from perfxllm.errors import ModelLoadError
 from perfxllm.layers.linear import Linear
 from perfxllm.model.config import ModelConfig
+from perfxllm.model.hf_loader import read_json
 from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
 from perfxllm.model.random_weights import PRESETS
 from perfxllm.model.registry import model_class
@@ -78,15 +78,12 @@ def run_estimate(spec: str) -> int:
     if spec in PRESETS:
         hf = PRESETS[spec]
     elif path.is_file():
-        try:
-            hf = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+        hf = read_json(path)
     else:
         raise ModelLoadError(
             f"--estimate takes a config.json, a model folder or one of: {', '.join(PRESETS)}"
         )
-    cfg = ModelConfig.from_hf(hf)
+    cfg = ModelConfig.from_hf(hf, str(path))
     print(f"config        {spec}: {cfg.architecture}, {_parameter_count(cfg) / 1e9:.2f} B parameters")
     print(f"tied embeddings: {cfg.tie_word_embeddings}; embeddings and norms stay fp16 in every variant")
     for label, by_format in estimate_weight_bytes(cfg).items():

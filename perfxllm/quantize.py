@@ -42,7 +42,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PerfxError(f"cannot make {out}: {e.strerror or e}") from None
-    model = build_model(ckpt, device, resolve_dtype(args.dtype, device, cfg))
+    model = build_model(ckpt, device, resolve_dtype(args.dtype, device, cfg), max_positions=args.seq_len)
     samples = None
     if args.method == "awq":
         text = read_text(args.calib, default_calibration_text())

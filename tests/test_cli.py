@@ -162,3 +162,24 @@ def test_eval_record_that_is_not_json_is_refused_before_the_evaluation(tiny_llam
     notes = tmp_path / "notes.txt"
     notes.write_text("not json")
     assert_clean_error(perfxllm("eval", "ppl", str(tiny_llama), "--record", str(notes)), "notes.txt")
+
+
+TINY_CONFIG = {
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+}
+
+
+def test_estimate_of_ten_million_layers_is_one_line_not_a_hang(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**TINY_CONFIG, "num_hidden_layers": 10**7}))
+    assert_clean_error(perfxllm("info", "--estimate", str(config)), "num_hidden_layers is 10000000")
+
+
+def test_random_weights_config_that_is_not_utf8(tmp_path):
+    config = tmp_path / "bad.json"
+    config.write_bytes(b'{"vocab_size": "\xff"}')
+    assert_clean_error(perfxllm("info", "--random-weights", str(config)), "bad.json is not valid JSON")

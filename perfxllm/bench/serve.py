@@ -63,7 +63,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     if args.num_requests < 1 or min(args.concurrency) < 1 or args.input_len < 1 or args.output_len < 1:
         raise PerfxError("--num-requests, --concurrency, --input-len and --output-len must be positive")
     ckpt = open_checkpoint(args.model, args.random_weights)
-    max_len = min(args.max_model_len or 8192, ckpt.config.max_position_embeddings)
+    max_len = ckpt.config.context_length(args.max_model_len)
     requests = synthesize(
         ckpt.tokenizer, args.num_requests, args.input_len, args.output_len, max_len, args.seed
     )

@@ -116,8 +116,8 @@ class Engine:
             atexit.register(self.close)
         self.model_path, self.model_config, self.tokenizer = ckpt.path, ckpt.config, ckpt.tokenizer
         self.dtype = resolve_dtype(config.dtype, self.device, ckpt.config)
-        self.max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)
-        self.model = build_model(ckpt, self.device, self.dtype, self.tp)
+        self.max_model_len = ckpt.config.context_length(config.max_model_len)
+        self.model = build_model(ckpt, self.device, self.dtype, self.tp, self.max_model_len)
         num_blocks = self._num_kv_blocks()
         if self.tp is not None:
             self.tp.broadcast(num_blocks)

@@ -186,8 +186,8 @@ def _worker(rank: int, config: EngineConfig, port: int) -> None:
     device = rank_device(resolve_device(config.device), rank)
     tp = _join(rank, config.tensor_parallel_size, port, device)
     ckpt = load_checkpoint(config, device)
-    model = build_model(ckpt, device, resolve_dtype(config.dtype, device, ckpt.config), tp)
-    max_model_len = min(config.max_model_len or 8192, ckpt.config.max_position_embeddings)
+    max_model_len = ckpt.config.context_length(config.max_model_len)
+    model = build_model(ckpt, device, resolve_dtype(config.dtype, device, ckpt.config), tp, max_model_len)
     runner = make_runner(model, config, tp.broadcast(None), max_model_len)
     while (inputs := tp.broadcast(None)) is not None:
         runner.execute(inputs)

@@ -122,7 +122,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
             f"--ctx {args.ctx} is longer than the model's context {ckpt.config.max_position_embeddings}"
         )
     dtype = resolve_dtype(args.dtype, device, ckpt.config)
-    model = build_model(ckpt, device, dtype)
+    model = build_model(ckpt, device, dtype, max_positions=args.ctx)
     ids = ckpt.tokenizer.encode(read_text(args.text, default_eval_text()), add_bos=False)
     start = time.perf_counter()
     result = perplexity(model, ids, args.ctx, args.max_windows)

@@ -13,27 +13,41 @@ import tokenizers
 import torch
 from safetensors import SafetensorError, safe_open
 
-from perfxllm.errors import ModelLoadError
+from perfxllm.errors import ModelLoadError, shown
+from perfxllm.model.config import token_ids
 
 
-def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
+def read_json(path: Path, required: bool = True) -> dict[str, Any]:
+    """A JSON file that holds an object ({} for an absent file that is not required)."""
     if not path.exists():
         if required:
             raise ModelLoadError(f"{path.parent} has no {path.name}")
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path} is not valid JSON: it nests too deeply") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds {shown(data)}, not a JSON object")
+    return data
+
+
+def _weight_files(index: Path) -> list[Path]:
+    weight_map = read_json(index).get("weight_map", {})
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ModelLoadError(f"{index}: weight_map is not an object of tensor name -> file name")
+    return sorted({index.parent / f for f in weight_map.values()})
 
 
 class HFFolder:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.config = _read_json(self.folder / "config.json")
+        self.config = read_json(self.folder / "config.json")
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            self.files = sorted({self.folder / f for f in _read_json(index).get("weight_map", {}).values()})
+            self.files = _weight_files(index)
         else:
             self.files = sorted(self.folder.glob("*.safetensors"))
         if not self.files:
@@ -46,11 +60,11 @@ class HFFolder:
         for f in self.files:
             if not f.exists():
                 raise ModelLoadError(f"{f} is listed in the safetensors index but missing")
-        self.tokenizer_config = _read_json(self.folder / "tokenizer_config.json", required=False)
-        generation = _read_json(self.folder / "generation_config.json", required=False)
-        eos = generation.get("eos_token_id")
+        self.tokenizer_config = read_json(self.folder / "tokenizer_config.json", required=False)
+        generation = self.folder / "generation_config.json"
+        eos = read_json(generation, required=False).get("eos_token_id")
         if eos is not None:
-            self.tokenizer_config.setdefault("eos_token_ids", [eos] if isinstance(eos, int) else list(eos))
+            self.tokenizer_config.setdefault("eos_token_ids", token_ids(eos, f"{generation}: eos_token_id"))
         tok_file = self.folder / "tokenizer.json"
         if not tok_file.exists():
             raise ModelLoadError(f"{self.folder} has no tokenizer.json")

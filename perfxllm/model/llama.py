@@ -101,7 +101,9 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, max_positions: int | None = None) -> None:
+        """max_positions: the longest sequence it will run (see ModelConfig.context_length), which sizes
+        the rotary table."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -112,7 +114,10 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer(
             "cos_sin_cache",
             rope_cos_sin_cache(
-                config.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+                config.head_dim,
+                config.context_length(max_positions),
+                config.rope_theta,
+                config.rope_scaling,
             ),
             persistent=False,
         )

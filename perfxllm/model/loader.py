@@ -74,7 +74,7 @@ def open_checkpoint(
             source = QuantizedFolder(source)
         return Checkpoint(
             str(p),
-            ModelConfig.from_hf(source.config),
+            ModelConfig.from_hf(source.config, str(p / "config.json")),
             Tokenizer(source.tokenizer, source.tokenizer_config),
             source,
         )
@@ -88,7 +88,7 @@ def open_checkpoint(
             source = NativeGGUF(source)
         return Checkpoint(
             str(p),
-            ModelConfig.from_hf(source.config),
+            ModelConfig.from_hf(source.config, str(p)),
             Tokenizer(source.tokenizer, source.tokenizer_config),
             source,
         )
@@ -218,12 +218,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelC
 
 
 def build_model(
-    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, tp: TPGroup | None = None
+    ckpt: Checkpoint,
+    device: torch.device,
+    dtype: torch.dtype,
+    tp: TPGroup | None = None,
+    max_positions: int | None = None,
 ) -> nn.Module:
-    """The model on device in dtype; with tp, this rank's tensor-parallel slice of it."""
+    """The model on device in dtype; with tp, this rank's tensor-parallel slice of it. max_positions: the
+    longest sequence it will run (default: the model's context, at most DEFAULT_CONTEXT)."""
     cls = model_class(ckpt.config.architecture)
     with torch.device(device):
-        model = cls(ckpt.config)
+        model = cls(ckpt.config, max_positions)
     model.to(dtype=dtype)
     model.cos_sin_cache = model.cos_sin_cache.float()
     load_weights(model, ckpt.source.iter_tensors(), device, dtype)

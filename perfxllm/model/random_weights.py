@@ -5,7 +5,6 @@ seconds instead of minutes, and so differ between devices."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from perfxllm.errors import ModelLoadError
 from perfxllm.model.config import ModelConfig
+from perfxllm.model.hf_loader import read_json
 
 DEVICE_DRAW_MIN_PARAMS = 1e9
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
@@ -94,12 +94,12 @@ class RandomCheckpoint:
         if spec in PRESETS:
             self.config = dict(PRESETS[spec])
         elif Path(spec).is_file():
-            self.config = json.loads(Path(spec).read_text())
+            self.config = read_json(Path(spec))
         else:
             raise ModelLoadError(f"--random-weights takes a config.json or one of: {', '.join(PRESETS)}")
         self.config.setdefault("eos_token_id", None)
         self.name = f"random-{Path(spec).stem if spec not in PRESETS else spec}"
-        cfg = ModelConfig.from_hf(self.config)
+        cfg = ModelConfig.from_hf(self.config, spec)
         h, per_layer = cfg.hidden_size, 4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size
         num_params = cfg.num_layers * per_layer + 2 * cfg.vocab_size * h
         self.seed = seed

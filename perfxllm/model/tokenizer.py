@@ -10,16 +10,23 @@ import tokenizers
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from perfxllm.errors import RequestError
+from perfxllm.errors import ModelLoadError, RequestError, shown
+from perfxllm.model.config import token_ids
 
 # Lone surrogates: bytes that are not UTF-8 on the command line or stdin (Python keeps them as U+DC80-U+DCFF),
 # or a JSON string's unpaired \ud800 escape. (Escaped pairs are joined into the character they encode.)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _token_text(tok: Any) -> str | None:
+def _token_text(config: dict[str, Any], key: str) -> str | None:
     """tokenizer_config.json stores a special token as a string or as {"content": ...}."""
-    return tok.get("content") if isinstance(tok, dict) else tok
+    tok = config.get(key)
+    text = tok.get("content") if isinstance(tok, dict) else tok
+    if text is not None and not isinstance(text, str):
+        raise ModelLoadError(
+            f'tokenizer_config.json: {key} is {shown(tok)}, not a string or {{"content": ...}}'
+        )
+    return text
 
 
 def _raise(message: str) -> None:
@@ -29,10 +36,10 @@ def _raise(message: str) -> None:
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
         self.tok, self.config = tokenizer, config
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
+        self.bos_token = _token_text(config, "bos_token")
+        self.eos_token = _token_text(config, "eos_token")
         self.bos_token_id = tokenizer.token_to_id(self.bos_token) if self.bos_token else None
-        eos_ids = list(config.get("eos_token_ids") or [])
+        eos_ids = token_ids(config.get("eos_token_ids"), "tokenizer_config.json: eos_token_ids")
         if self.eos_token and tokenizer.token_to_id(self.eos_token) is not None:
             eos_ids.append(tokenizer.token_to_id(self.eos_token))
         self.eos_token_ids = sorted(set(eos_ids))
