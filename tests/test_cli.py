@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -171,6 +172,15 @@ TINY_CONFIG = {
     "num_hidden_layers": 1,
     "num_attention_heads": 4,
 }
+
+
+def test_gguf_of_a_billion_layers_is_one_line_not_a_hang(tmp_path):
+    config, path = tmp_path / "config.json", tmp_path / "t.gguf"
+    config.write_text(json.dumps(TINY_CONFIG))
+    assert perfxllm("export-gguf", "--random-weights", str(config), "-o", str(path)).returncode == 0
+    key = struct.pack("<Q", 17) + b"llama.block_count" + struct.pack("<I", 4)  # a uint32 value follows
+    path.write_bytes(path.read_bytes().replace(key + struct.pack("<I", 1), key + struct.pack("<I", 10**9)))
+    assert_clean_error(perfxllm("info", str(path)), "llama.block_count is 1000000000")
 
 
 def test_estimate_of_ten_million_layers_is_one_line_not_a_hang(tmp_path):

@@ -19,7 +19,8 @@ import torch
 from gguf import GGMLQuantizationType
 
 from perfxllm.errors import ModelLoadError, UnsupportedError
-from perfxllm.model.gguf_reader import GGUFFile, GGUFTensor
+from perfxllm.model.config import checked_size
+from perfxllm.model.gguf_reader import GGUFFile, GGUFTensor, meta_array, meta_value
 from perfxllm.model.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -38,6 +39,16 @@ LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# GGUF hyper-parameter (after "{arch}.") -> the config.json size it gives
+_SIZES = {
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "context_length": "max_position_embeddings",
 }
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
@@ -68,7 +79,11 @@ class GGUFCheckpoint:
         module = hf_name.rsplit(".", 1)[0].split(".", 3)[-1]
         if self.config["model_type"] != "llama" or module not in heads:
             return None
-        return rope_row_order(self.config[heads[module]], int(self.raw_tensor(hf_name).shape[-1]))
+        n_heads, head_dim = self.config[heads[module]], self.config["head_dim"]
+        rows = int(self.raw_tensor(hf_name).shape[-1])
+        if rows != n_heads * head_dim:
+            raise ModelLoadError(f"{hf_name} has {rows} rows, expected {n_heads} heads of {head_dim}")
+        return rope_row_order(n_heads, rows)
 
     def tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized, [out_features, in_features] as in Hugging Face."""
@@ -95,7 +110,7 @@ def rope_row_order(n_heads: int, rows: int) -> np.ndarray:
 def load_gguf(path: str) -> GGUFCheckpoint:
     reader = _open(path)
     meta = reader.fields
-    arch = meta.get("general.architecture")
+    arch = meta_value(meta, "general.architecture", str)
     if arch not in _ARCHITECTURES:
         raise UnsupportedError(f"unsupported architecture {arch!r} (supported: {', '.join(_ARCHITECTURES)})")
     tensors = _hf_tensors(path, reader, arch)
@@ -165,43 +180,62 @@ def _dequantizable(qtype: GGMLQuantizationType) -> bool:
 def _config(
     meta: dict[str, Any], arch: str, tensors: dict[str, GGUFTensor], rope_freqs: GGUFTensor | None
 ) -> dict[str, Any]:
-    def key(name: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{name}", default)
+    def size(name: str, default: int | None = None) -> int:
+        key = f"{arch}.{name}"
+        value = meta.get(key, default)
+        if value is None:
+            raise ModelLoadError(f"the GGUF metadata lacks {key}")
+        return checked_size(value, _SIZES[name], f"GGUF metadata {key}")
 
-    try:
-        hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
-        head_dim = int(key("attention.key_length") or hidden // heads)
-        config = {
-            "architectures": [_ARCHITECTURES[arch]],
-            "model_type": arch,
-            "vocab_size": _vocab_size(meta, tensors),
-            "hidden_size": hidden,
-            "intermediate_size": int(key("feed_forward_length")),
-            "num_hidden_layers": int(key("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": int(key("attention.head_count_kv") or heads),
-            "head_dim": head_dim,
-            "max_position_embeddings": int(key("context_length", 4096)),
-            "rms_norm_eps": _f32(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            "rope_theta": _f32(key("rope.freq_base", 10000.0)),
-            "tie_word_embeddings": "lm_head.weight" not in tensors,
-            "attention_bias": arch == "qwen2" or "model.layers.0.self_attn.q_proj.bias" in tensors,
-            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        }
-    except (TypeError, ValueError) as e:
-        raise ModelLoadError(f"the GGUF metadata lacks or garbles a {arch} hyper-parameter ({e})") from None
-    if key("rope.dimension_count", head_dim) != head_dim:
-        raise UnsupportedError(
-            f"partial rotary embeddings (rope.dimension_count {key('rope.dimension_count')})"
+    def number(name: str, default: float) -> float:
+        return _f32(meta_value(meta, f"{arch}.{name}", float, default))
+
+    hidden, heads, layers = size("embedding_length"), size("attention.head_count"), size("block_count")
+    _check_block_count(f"{arch}.block_count", layers, tensors)
+    head_dim = size("attention.key_length", hidden // heads)
+    rope_dims = meta_value(meta, f"{arch}.rope.dimension_count", int, head_dim)
+    if rope_dims != head_dim:
+        raise UnsupportedError(f"partial rotary embeddings (rope.dimension_count {rope_dims})")
+    theta = number("rope.freq_base", 10000.0)
+    return {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": _vocab_size(meta, tensors),
+        "hidden_size": hidden,
+        "intermediate_size": size("feed_forward_length"),
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": size("attention.head_count_kv", heads),
+        "head_dim": head_dim,
+        "max_position_embeddings": size("context_length", 4096),
+        "rms_norm_eps": number("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(meta, arch, rope_freqs, head_dim, theta),
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
+        "attention_bias": arch == "qwen2" or "model.layers.0.self_attn.q_proj.bias" in tensors,
+        "bos_token_id": meta_value(meta, "tokenizer.ggml.bos_token_id", int),
+        "eos_token_id": meta_value(meta, "tokenizer.ggml.eos_token_id", int),
+    }
+
+
+def _check_block_count(key: str, count: int, tensors: dict[str, GGUFTensor]) -> None:
+    """The file has the tensors of blocks 0 to count - 1 and of no others (checked before count layers are
+    built), unless it has no tensors at all: llama.cpp's vocabulary-only files."""
+    if not tensors:
+        return
+    blocks = {name.split(".")[2] for name in tensors if name.startswith("model.layers.")}
+    expected = {str(i) for i in range(count)}
+    if lacking := sorted(expected - blocks, key=int):
+        raise ModelLoadError(
+            f"GGUF metadata {key} is {count}, but the file has no blk.{lacking[0]} tensors ({len(blocks)} blocks in all)"
         )
-    config["rope_scaling"] = _rope_scaling(meta, arch, rope_freqs, head_dim, config["rope_theta"])
-    return config
+    if stray := sorted(blocks - expected):
+        raise ModelLoadError(f"GGUF metadata {key} is {count}, but the file has blk.{stray[0]} tensors")
 
 
 def _vocab_size(meta: dict[str, Any], tensors: dict[str, GGUFTensor]) -> int:
     embed = tensors.get("model.embed_tokens.weight")
-    return int(embed.shape[-1]) if embed is not None else len(meta.get("tokenizer.ggml.tokens") or [])
+    return int(embed.shape[-1]) if embed is not None else len(meta_array(meta, "tokenizer.ggml.tokens", str))
 
 
 def _f32(x: float) -> float:
@@ -215,12 +249,13 @@ def _rope_scaling(
     if rope_freqs is not None:
         factors = gguf.quants.dequantize(rope_freqs.data, rope_freqs.tensor_type).astype(np.float64)
         return _llama3_scaling(factors.reshape(-1), head_dim, theta)
-    kind = meta.get(f"{arch}.rope.scaling.type")
+    kind = meta_value(meta, f"{arch}.rope.scaling.type", str)
     if kind in (None, "none"):
         return None
-    scaling = {"rope_type": kind, "factor": _f32(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
-    if (context := meta.get(f"{arch}.rope.scaling.original_context_length")) is not None:
-        scaling["original_max_position_embeddings"] = int(context)
+    scaling = {"rope_type": kind, "factor": _f32(meta_value(meta, f"{arch}.rope.scaling.factor", float, 1.0))}
+    context = meta_value(meta, f"{arch}.rope.scaling.original_context_length", int)
+    if context is not None:
+        scaling["original_max_position_embeddings"] = context
     return scaling
 
 

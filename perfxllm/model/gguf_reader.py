@@ -11,13 +11,17 @@ element type, a uint64 count and the elements.
 
 from __future__ import annotations
 
+import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from perfxllm.errors import ModelLoadError, shown
 
 _SCALARS = {
     0: "<B",
@@ -33,6 +37,40 @@ _SCALARS = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+# A metadata value's expected Python type: its name in errors, singular and plural.
+_KINDS = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    str: ("a string", "strings"),
+    bool: ("a boolean", "booleans"),
+}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """GGUF's integer types read as int, float32 / float64 as float and bool as bool; a number may be
+    stored as any of the integer and float types."""
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def meta_value(meta: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    """meta[key] (default if it is absent), which must be a `kind` (int, float, str or bool)."""
+    value = meta.get(key, default)
+    if value is not None and not _is(value, kind):
+        raise ModelLoadError(f"GGUF metadata {key} is {shown(value)}, not {_KINDS[kind][0]}")
+    return value
+
+
+def meta_array(meta: Mapping[str, Any], key: str, kind: type) -> list[Any]:
+    """meta[key] ([] if it is absent), which must be an array of `kind`s."""
+    values = meta.get(key)
+    if values is None:
+        return []
+    if not isinstance(values, list) or not all(_is(v, kind) for v in values):
+        raise ModelLoadError(f"GGUF metadata {key} is {shown(values)}, not an array of {_KINDS[kind][1]}")
+    return values
 
 
 @dataclass
@@ -61,10 +99,16 @@ class GGUFFile:
         for _ in range(n_tensors):
             name = self._string()
             (n_dims,) = self._unpack("<I")
+            if not 1 <= n_dims <= _MAX_DIMS:
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows 1 to {_MAX_DIMS})")
             shape = self._unpack(f"<{n_dims}Q")
+            if min(shape) < 1:
+                raise ValueError(f"tensor {name!r} has an empty dimension: {list(shape)}")
             qtype, offset = self._unpack("<IQ")
             infos.append((name, GGMLQuantizationType(qtype), shape, offset))
-        alignment = int(self.fields.get("general.alignment", 32))
+        alignment = self.fields.get("general.alignment", 32)
+        if not _is(alignment, int) or alignment < 1:
+            raise ValueError(f"general.alignment is {shown(alignment)}, not a positive integer")
         data_start = -(-self.pos // alignment) * alignment
         self.tensors = [
             self._tensor(name, qtype, shape, data_start + off) for name, qtype, shape, off in infos
@@ -74,8 +118,12 @@ class GGUFFile:
         self, name: str, qtype: GGMLQuantizationType, shape: tuple[int, ...], start: int
     ) -> GGUFTensor:
         block, size = GGML_QUANT_SIZES[qtype]
+        if shape[0] % block:
+            raise ValueError(
+                f"tensor {name!r} has rows of {shape[0]} values, not whole {qtype.name} blocks of {block}"
+            )
         row_bytes = shape[0] // block * size
-        rows = int(np.prod(shape[1:], dtype=np.int64))
+        rows = math.prod(shape[1:])  # Python ints: a corrupt shape must not wrap around
         n_bytes = rows * row_bytes
         data = self.buf[start : start + n_bytes]
         if data.nbytes == n_bytes:

@@ -14,6 +14,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from perfxllm.errors import ModelLoadError, UnsupportedError
+from perfxllm.model.gguf_reader import meta_array, meta_value
 
 log = logging.getLogger(__name__)
 
@@ -179,23 +180,19 @@ _ADD_BOS_PRE = frozenset(
 
 def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
     """meta: the GGUF metadata as plain values (key -> str / number / list)."""
-    kind = meta.get("tokenizer.ggml.model")
-    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    kind = meta_value(meta, "tokenizer.ggml.model", str)
+    tokens: list[str] = meta_array(meta, "tokenizer.ggml.tokens", str)
     if not tokens:
         raise ModelLoadError("the GGUF file has no tokenizer (tokenizer.ggml.tokens is missing)")
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    if len(types) != len(tokens):
-        raise ModelLoadError("tokenizer.ggml.token_type and tokenizer.ggml.tokens differ in length")
+    types = _per_token(meta, "token_type", int, len(tokens), 1)
     if kind == "gpt2":
-        tok = _byte_level_bpe(
-            tokens, list(meta.get("tokenizer.ggml.merges") or []), meta.get("tokenizer.ggml.pre")
-        )
+        merges = meta_array(meta, "tokenizer.ggml.merges", str)
+        tok = _byte_level_bpe(tokens, merges, meta_value(meta, "tokenizer.ggml.pre", str))
     elif kind == "llama":
-        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
-        unk = meta.get("tokenizer.ggml.unknown_token_id")
-        tok = _sentencepiece_bpe(
-            tokens, types, scores, unk, bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        )
+        scores = _per_token(meta, "scores", float, len(tokens), 0.0)
+        unk = meta_value(meta, "tokenizer.ggml.unknown_token_id", int)
+        add_space_prefix = meta_value(meta, "tokenizer.ggml.add_space_prefix", bool, True)
+        tok = _sentencepiece_bpe(tokens, types, scores, unk, add_space_prefix)
     else:
         raise UnsupportedError(f"unsupported tokenizer model {kind!r} (supported: gpt2, llama)")
     added = [
@@ -209,17 +206,32 @@ def build_tokenizer(meta: Mapping[str, Any]) -> Tokenizer:
     return tok
 
 
+def _per_token(meta: Mapping[str, Any], name: str, kind: type, n_tokens: int, default: Any) -> list[Any]:
+    """tokenizer.ggml.<name>: a value of each token (default for each if it is absent)."""
+    key = f"tokenizer.ggml.{name}"
+    values = meta_array(meta, key, kind) or [default] * n_tokens
+    if len(values) != n_tokens:
+        raise ModelLoadError(f"{key} has {len(values)} values for {n_tokens} tokens")
+    return values
+
+
 def build_tokenizer_config(meta: Mapping[str, Any]) -> dict[str, Any]:
     """tokenizer_config.json's fields, with llama.cpp's defaults; eos_token_ids are all the ids that
-    llama.cpp stops generating at (its end-of-generation set)."""
-    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    llama.cpp stops generating at (its end-of-generation set). The chat template is passed on unchecked:
+    a broken one fails chat prompts, not loading."""
+    tokens: list[str] = meta_array(meta, "tokenizer.ggml.tokens", str)
+
+    def token_id(key: str) -> int | None:
+        i = meta_value(meta, f"tokenizer.ggml.{key}_token_id", int)
+        return i if i is not None and 0 <= i < len(tokens) else None
 
     def text(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        i = token_id(key)
+        return None if i is None else tokens[i]
 
-    spm = meta.get("tokenizer.ggml.model") == "llama"
-    eos_ids = {meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")}
+    spm = meta_value(meta, "tokenizer.ggml.model", str) == "llama"
+    pre = meta_value(meta, "tokenizer.ggml.pre", str)
+    eos_ids = {token_id(k) for k in ("eos", "eot", "eom")} - {None}
     eos_ids |= {i for i, t in enumerate(tokens) if t in EOG_TEXTS}
     return {
         "chat_template": meta.get("tokenizer.chat_template"),
@@ -227,11 +239,9 @@ def build_tokenizer_config(meta: Mapping[str, Any]) -> dict[str, Any]:
         "eos_token": text("eos"),
         "unk_token": text("unknown"),
         "pad_token": text("padding"),
-        "add_bos_token": bool(
-            meta.get("tokenizer.ggml.add_bos_token", spm or meta.get("tokenizer.ggml.pre") in _ADD_BOS_PRE)
-        ),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "eos_token_ids": sorted(i for i in eos_ids if i is not None and 0 <= i < len(tokens)),
+        "add_bos_token": meta_value(meta, "tokenizer.ggml.add_bos_token", bool, spm or pre in _ADD_BOS_PRE),
+        "add_eos_token": meta_value(meta, "tokenizer.ggml.add_eos_token", bool, False),
+        "eos_token_ids": sorted(eos_ids),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,17 @@ def write_gguf() -> WriteGGUF:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def patch_gguf() -> Callable[[Path, str, bytes, bytes], None]:
+    """patch_gguf(path, name, old, new): corrupt the entry of the metadata key or tensor `name` in a GGUF
+    file: the bytes old that follow the name (which the file must hold once) become new."""
+
+    def patch(path: Path, name: str, old: bytes, new: bytes) -> None:
+        key = struct.pack("<Q", len(name.encode())) + name.encode()
+        data = path.read_bytes()
+        assert data.count(key + old) == 1
+        path.write_bytes(data.replace(key + old, key + new))
+
+    return patch

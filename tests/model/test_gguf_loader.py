@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -15,6 +16,7 @@ from perfxllm.errors import ModelLoadError, UnsupportedError
 from perfxllm.layers.rotary import rope_cos_sin_cache
 from perfxllm.model.config import ModelConfig
 from perfxllm.model.gguf_loader import GGUFCheckpoint, load_gguf
+from perfxllm.model.gguf_reader import GGUFTensor
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, LAYERS = 256, 4, 2, 64, 128, 2
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -346,3 +348,100 @@ def test_missing_hyperparameter(tmp_path: Path, write_gguf) -> None:
 def test_unknown_tensor_name_raises(llama) -> None:
     with pytest.raises(ModelLoadError):
         llama[0].raw_tensor("model.layers.9.self_attn.q_proj.weight")
+
+
+def vocabulary(writer: gguf.GGUFWriter) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(TOKENS)
+
+
+@pytest.mark.parametrize(
+    ("hparams", "needle"),
+    [
+        ({"head_count": 0}, "llama.attention.head_count is 0, not an integer from 1 to 1024"),
+        ({"block_count": 10**9}, "llama.block_count is 1000000000, not an integer from 1 to 1024"),
+        (
+            {"context_length": 2**32 - 1},
+            "llama.context_length is 4294967295, not an integer from 1 to 4194304",
+        ),
+    ],
+    ids=["no heads", "a billion layers", "a context of 2**32 - 1"],
+)
+def test_hyperparameter_out_of_range(tmp_path: Path, write_gguf, hparams, needle) -> None:
+    path = write_gguf(tmp_path / "h.gguf", fill=vocabulary, **hparams)
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf(str(path))
+    assert needle in one_line(e)
+
+
+LINEAR = gguf.RopeScalingType.LINEAR
+
+
+@pytest.mark.parametrize(
+    ("add", "needle"),
+    [
+        (
+            lambda w: w.add_float32("tokenizer.ggml.eos_token_id", 2.0),
+            "tokenizer.ggml.eos_token_id is 2.0, not an integer",
+        ),
+        (
+            lambda w: w.add_string("tokenizer.ggml.bos_token_id", "1"),
+            "tokenizer.ggml.bos_token_id is '1', not an integer",
+        ),
+        (
+            lambda w: (w.add_rope_scaling_type(LINEAR), w.add_string("llama.rope.scaling.factor", "eight")),
+            "llama.rope.scaling.factor is 'eight', not a number",
+        ),
+        (
+            lambda w: (
+                w.add_rope_scaling_type(LINEAR),
+                w.add_string("llama.rope.scaling.original_context_length", "4k"),
+            ),
+            "llama.rope.scaling.original_context_length is '4k', not an integer",
+        ),
+    ],
+    ids=["float eos id", "string bos id", "string rope factor", "string original context"],
+)
+def test_metadata_of_the_wrong_type(tmp_path: Path, write_gguf, add, needle) -> None:
+    path = write_gguf(tmp_path / "m.gguf", fill=lambda w: (vocabulary(w), add(w)))
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf(str(path))
+    assert needle in one_line(e)
+
+
+def test_architecture_that_is_an_array(tmp_path: Path, write_gguf, patch_gguf) -> None:
+    path = write_gguf(tmp_path / "a.gguf", fill=vocabulary)
+    llama = struct.pack("<Q", 5) + b"llama"
+    patch_gguf(
+        path, "general.architecture", struct.pack("<I", 8) + llama, struct.pack("<IIQ", 9, 8, 1) + llama
+    )
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf(str(path))
+    assert one_line(e) == "GGUF metadata general.architecture is ['llama'], not a string"
+
+
+@pytest.mark.parametrize(
+    ("block_count", "needle"),
+    [
+        (3, "is 3, but the file has no blk.2 tensors (2 blocks in all)"),
+        (1, "is 1, but the file has blk.1 tensors"),
+    ],
+)
+def test_block_count_is_checked_against_the_tensors(
+    tmp_path: Path, write_gguf, patch_gguf, block_count: int, needle: str
+) -> None:
+    path = write_model(write_gguf, tmp_path / "b.gguf", "llama", hf_weights(tied=True, bias=False))
+    patch_gguf(path, "llama.block_count", struct.pack("<II", 4, LAYERS), struct.pack("<II", 4, block_count))
+    with pytest.raises(ModelLoadError) as e:
+        load_gguf(str(path))
+    assert one_line(e) == f"GGUF metadata llama.block_count {needle}"
+
+
+def test_rotary_projection_that_is_not_whole_heads_is_named() -> None:
+    name = "model.layers.0.self_attn.k_proj.weight"
+    k = GGUFTensor(name, Q.F32, (HIDDEN, 34), 0, HIDDEN * 34 * 4, np.zeros((34, HIDDEN * 4), np.uint8))
+    config = {"model_type": "llama", "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM}
+    ckpt = GGUFCheckpoint("k.gguf", config, None, {}, {name: k})
+    with pytest.raises(ModelLoadError) as e:
+        ckpt.rope_row_order(name)  # llama.cpp's rotary row order is undone head by head
+    assert one_line(e) == f"{name} has 34 rows, expected 2 heads of 64"

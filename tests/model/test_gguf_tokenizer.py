@@ -12,9 +12,9 @@ from typing import Any
 import gguf
 import pytest
 
-from perfxllm.errors import UnsupportedError
+from perfxllm.errors import ModelLoadError, UnsupportedError
 from perfxllm.model.gguf_loader import GGUFCheckpoint, load_gguf
-from perfxllm.model.gguf_tokenizer import build_tokenizer
+from perfxllm.model.gguf_tokenizer import build_tokenizer, build_tokenizer_config
 
 FIXTURE = Path(__file__).parents[1] / "data" / "gguf_tokenizer_ids.json"
 
@@ -162,3 +162,33 @@ def test_sentencepiece_round_trips(spm: GGUFCheckpoint, fixture) -> None:
 def test_unsupported_tokenizer_model() -> None:
     with pytest.raises(UnsupportedError, match="'bert'"):
         build_tokenizer({"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[CLS]"]})
+
+
+@pytest.mark.parametrize(
+    ("meta", "needle"),
+    [
+        ({"tokenizer.ggml.tokens": [1, 2]}, "tokenizer.ggml.tokens is [1, 2], not an array of strings"),
+        ({"tokenizer.ggml.token_type": 1}, "tokenizer.ggml.token_type is 1, not an array of integers"),
+        ({"tokenizer.ggml.merges": [1]}, "tokenizer.ggml.merges is [1], not an array of strings"),
+        (
+            {"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]},
+            "tokenizer.ggml.scores has 1 values for 3 tokens",
+        ),
+        (
+            {"tokenizer.ggml.model": "llama", "tokenizer.ggml.unknown_token_id": "0"},
+            "tokenizer.ggml.unknown_token_id is '0', not an integer",
+        ),
+    ],
+    ids=["int tokens", "scalar token types", "int merges", "short scores", "string unknown id"],
+)
+def test_vocabulary_of_the_wrong_type(meta: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ModelLoadError) as e:
+        build_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"], **meta})
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("key", ["bos", "eos", "unknown"])
+def test_special_token_id_that_is_a_string(key: str) -> None:
+    meta = {"tokenizer.ggml.tokens": ["a", "b"], f"tokenizer.ggml.{key}_token_id": "1"}
+    with pytest.raises(ModelLoadError, match=f"tokenizer.ggml.{key}_token_id is '1', not an integer"):
+        build_tokenizer_config(meta)
