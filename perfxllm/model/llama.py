@@ -122,6 +122,12 @@ class LlamaForCausalLM(nn.Module):
             persistent=False,
         )
 
+    def shard_sizes(self, fused: str) -> list[int]:
+        """The output sizes of the checkpoint projections that the loader stacks into the module `fused`."""
+        c = self.config
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        return {"qkv_proj": [q_size, kv_size, kv_size], "gate_up_proj": [c.intermediate_size] * 2}[fused]
+
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:

@@ -129,6 +129,7 @@ def load_weights(
         if proj in fused_shards:
             fused, index = fused_shards[proj]
             key = f"{parent}.{fused}.{attr}"
+            _check_shard(model, hf_name, key, index, tensor)
             pending.setdefault(key, {})[index] = _place(tensor, device, dtype)
             if len(pending[key]) < shard_counts[fused]:
                 continue
@@ -168,18 +169,39 @@ def _expected_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _assign(model: nn.Module, name: str, tensor: Weight, device: torch.device, dtype: torch.dtype) -> None:
-    module_path, _, attr = name.rpartition(".")
+def _check_shard(model: nn.Module, name: str, key: str, index: int, tensor: Weight) -> None:
+    """The checkpoint's projection `name` is shard `index` of the fused `key`: its shape is checked before
+    it is stacked with the other shards (which needs the shapes to agree)."""
+    module_path, _, attr = key.rpartition(".")
+    module = _submodule(model, module_path, name)
+    out_features = model.shard_sizes(module_path.rpartition(".")[2])[index]
+    _check_shape(name, tensor, _linear_shape(name, module, attr, out_features))
+
+
+def _submodule(model: nn.Module, path: str, name: str) -> nn.Module:
     try:
-        module = model.get_submodule(module_path)
+        return model.get_submodule(path)
     except AttributeError:
         raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture") from None
+
+
+def _linear_shape(name: str, module: Linear, attr: str, out_features: int) -> tuple[int, ...]:
+    """The shape of the tensor `name`, module's weight or bias, of out_features rows."""
+    if attr not in ("weight", "bias") or (attr == "bias" and not module.has_bias):
+        raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture")
+    return (out_features,) if attr == "bias" else (out_features, module.in_features)
+
+
+def _check_shape(name: str, tensor: Weight, expected: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != expected:
+        raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def _assign(model: nn.Module, name: str, tensor: Weight, device: torch.device, dtype: torch.dtype) -> None:
+    module_path, _, attr = name.rpartition(".")
+    module = _submodule(model, module_path, name)
     if isinstance(module, Linear):
-        expected = (module.out_features,) if attr == "bias" else (module.out_features, module.in_features)
-        if attr not in ("weight", "bias") or (attr == "bias" and not module.has_bias):
-            raise ModelLoadError(f"checkpoint tensor {name!r} does not belong to this architecture")
-        if tuple(tensor.shape) != expected:
-            raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
+        _check_shape(name, tensor, _linear_shape(name, module, attr, module.out_features))
         setattr(module, attr, _place(tensor, device, dtype))
         return
     param = getattr(module, attr, None)
@@ -189,8 +211,7 @@ def _assign(model: nn.Module, name: str, tensor: Weight, device: torch.device, d
         tensor, torch.Tensor
     ):  # a packed embedding: the embedding table is gathered, not multiplied
         tensor = tensor.dequantize(dtype)
-    if tuple(tensor.shape) != tuple(param.shape):
-        raise ModelLoadError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+    _check_shape(name, tensor, tuple(param.shape))
     param.data = tensor.to(device=device, dtype=dtype)
 
 

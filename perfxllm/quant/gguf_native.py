@@ -68,7 +68,7 @@ class NativeGGUF:
         for name in self.source.tensor_names():
             raw = self.source.raw_tensor(name)
             matrix = name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
-            if not matrix or raw.tensor_type not in NATIVE_TYPES:
+            if not matrix or raw.tensor_type not in NATIVE_TYPES or len(raw.shape) != 2:
                 yield name, self.source.tensor(name)
                 continue
             weight = import_gguf_matrix(raw)

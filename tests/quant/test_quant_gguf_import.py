@@ -13,9 +13,11 @@ from tokenizers import pre_tokenizers
 
 from perfxllm.engine.model_runner import prompt_logits
 from perfxllm.kernels.quant_matmul_cpu import GEMM_MIN_TOKENS, CPUInt4Weight, CPUInt8Weight
+from perfxllm.model.gguf_loader import GGUFCheckpoint
+from perfxllm.model.gguf_reader import GGUFFile
 from perfxllm.model.loader import build_model, open_checkpoint
 from perfxllm.quant.formats import Int4Weight, Int8Weight
-from perfxllm.quant.gguf_native import import_gguf_matrix
+from perfxllm.quant.gguf_native import NativeGGUF, import_gguf_matrix
 
 HIDDEN, FFN, HEADS, KV_HEADS = 64, 128, 4, 2
 TOKENS = [*sorted(pre_tokenizers.ByteLevel.alphabet()), "<|im_start|>", "<|im_end|>"]
@@ -165,3 +167,13 @@ def test_tied_embedding_is_also_a_packed_lm_head():
     model = build_model(open_checkpoint(None), torch.device("cpu"), torch.float32)
     assert isinstance(model.lm_head.weight, CPUInt8Weight) and model.lm_head.weight.group_size == 32
     assert torch.equal(model.lm_head.weight.dequantize(), model.embed_tokens.weight)
+
+
+def test_packed_projection_that_is_not_a_matrix_comes_dense_for_the_shape_check(tmp_path):
+    """(The loader then names it: "... has shape (1, 128, 64), expected (128, 64)".)"""
+    name = "model.layers.0.mlp.up_proj.weight"
+    write_tensors(tmp_path / "m.gguf", {"w": (np.ones((1, FFN, HIDDEN), np.float32), Q.Q8_0)})
+    (raw,) = GGUFFile(tmp_path / "m.gguf").tensors
+    source = GGUFCheckpoint(str(tmp_path / "m.gguf"), {"model_type": "llama"}, None, {}, {name: raw})
+    ((_, weight),) = NativeGGUF(source).iter_tensors()
+    assert isinstance(weight, torch.Tensor) and weight.shape == (1, FFN, HIDDEN)

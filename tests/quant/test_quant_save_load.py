@@ -106,7 +106,7 @@ BROKEN = {
             t.update({f"{Q}.{f}": t[f"{Q}.{f}"][:-1].contiguous()}) for f in ("qweight", "scales", "zeros")
         ],
         None,
-        "qkv_proj.weight has shape",
+        f"{Q}.weight has shape (63, 64), expected (64, 64)",
     ),
     "dense where packed": (
         lambda t: (
