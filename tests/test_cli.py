@@ -193,3 +193,11 @@ def test_random_weights_config_that_is_not_utf8(tmp_path):
     config = tmp_path / "bad.json"
     config.write_bytes(b'{"vocab_size": "\xff"}')
     assert_clean_error(perfxllm("info", "--random-weights", str(config)), "bad.json is not valid JSON")
+
+
+def test_broken_chat_template_fails_chat_prompts_only(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{% for %}"}))
+    args = ("generate", "-m", str(folder), "-n", "2", "hi")
+    assert perfxllm(*args).returncode == 0
+    assert_clean_error(perfxllm(*args, "--chat"), "chat template is invalid")

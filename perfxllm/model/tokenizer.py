@@ -4,9 +4,11 @@ chat template, rendered in a sandboxed Jinja environment because templates ship 
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any
 
 import tokenizers
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -29,6 +31,20 @@ def _token_text(config: dict[str, Any], key: str) -> str | None:
     return text
 
 
+def _template_source(template: Any) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {"name": ..., "template": ...} of which
+    the one named "default" is used."""
+    if isinstance(template, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in template):
+            raise RequestError(
+                'the model\'s chat_template list has an entry that is not {"name", "template"}'
+            )
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise RequestError(f"the model's chat_template is {shown(template)}, not a string")
+    return template
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
@@ -47,13 +63,19 @@ class Tokenizer:
         if add_bos is None:  # Hugging Face folders: the tokenizer.json post-processor decides
             add_bos = self.bos_token_id is not None and tokenizer.encode("a").ids[:1] == [self.bos_token_id]
         self.add_bos = bool(add_bos) and self.bos_token_id is not None
-        template = config.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        self.chat_template: str | None = template
+
+    @cached_property
+    def _template(self) -> Template | None:
+        """The chat template, compiled on first use: a broken one fails chat prompts, not loading the model."""
+        source = _template_source(self.config.get("chat_template"))
+        if not source:
+            return None
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        self._template = env.from_string(template) if template else None
+        try:
+            return env.from_string(source)
+        except (TemplateError, RecursionError) as e:
+            raise RequestError(f"the model's chat template is invalid: {e}") from None
 
     def __reduce__(self) -> tuple[type[Tokenizer], tuple[tokenizers.Tokenizer, dict[str, Any]]]:
         # rebuilt from its parts: the compiled template does not pickle (the server's engine process sends it)
@@ -86,8 +108,10 @@ class Tokenizer:
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
-        except TemplateError as e:
+        except (TemplateError, RecursionError) as e:
             raise RequestError(f"chat template failed: {e}") from None
+        except MemoryError:
+            raise RequestError("chat template failed: it ran out of memory") from None
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Chat prompts carry their own BOS in the template text, so none is added (as transformers does)."""
