@@ -88,5 +88,5 @@ def _add_tokenizer(w: gguf.GGUFWriter, ckpt: Checkpoint) -> None:
     if not {"\u0120b", "a", "\u0120ba"} <= vocab.keys():
         raise PerfxError("export-gguf writes byte-level vocabularies of random-weight models only")
     w.add_token_merges(["\u0120b a"])
-    if ckpt.config.hf_config.get("eos_token_id") is not None:
-        w.add_eos_token_id(int(ckpt.config.hf_config["eos_token_id"]))
+    if ckpt.config.eos_token_ids:  # GGUF has one; config.json may list several (Llama 3)
+        w.add_eos_token_id(ckpt.config.eos_token_ids[0])

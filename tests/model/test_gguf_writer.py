@@ -81,3 +81,12 @@ def test_unknown_type_is_refused(config_path, tmp_path):
 
     with pytest.raises(PerfxError, match="unknown GGUF type"):
         write_gguf(open_checkpoint(None, config_path), Path(tmp_path) / "m.gguf", "q2_k")
+
+
+def test_a_list_of_eos_ids_writes_the_first(tmp_path):
+    """config.json may list several end tokens (Llama 3); a GGUF file holds one."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**CONFIG, "eos_token_id": [2, 7]}))
+    out = tmp_path / "m.gguf"
+    write_gguf(open_checkpoint(None, str(path)), out, "f32")
+    assert open_checkpoint(str(out)).config.eos_token_ids == [2]
