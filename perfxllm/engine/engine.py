@@ -53,9 +53,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    except RuntimeError:  # not a device name at all
+        dev = torch.device("meta")
+    if dev.type not in ("cpu", "cuda"):
         raise PerfxError(f"--device must be auto, cpu or cuda (or cuda:N), got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise PerfxError("--device cuda was asked for, but no CUDA GPU is available")
@@ -78,8 +78,7 @@ def load_checkpoint(config: EngineConfig, device: torch.device) -> Checkpoint:
     if config.quantization:
         from perfxllm.quant.on_load import QuantizeOnLoad
 
-        ckpt.source = QuantizeOnLoad(ckpt.source, config.quantization)
-        ckpt.source.spec.check_fits(ckpt.config, ckpt.path)
+        ckpt.source = QuantizeOnLoad(ckpt, config.quantization)
     return ckpt
 
 

@@ -69,7 +69,7 @@ class Sampler:
         if wanted:
             rows = to_device(wanted, logits.device)
             big = torch.finfo(torch.float32).max  # as sampling does: extreme penalties leave +-inf or NaN
-            logprobs = torch.log_softmax(logits[rows].float().nan_to_num(posinf=big, neginf=-big), dim=-1)
+            logprobs = torch.log_softmax(logits[rows].float().nan_to_num_(posinf=big, neginf=-big), dim=-1)
             found.append(logprobs.gather(1, tokens[rows].unsqueeze(1)).squeeze(1))
             top_k = max(seqs[i].params.logprobs for i in wanted)
             if top_k:

@@ -6,11 +6,11 @@ Embeddings, norms and lm_head stay dense, as `perfxllm quantize` leaves them."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 
 from perfxllm.errors import PerfxError
+from perfxllm.model.loader import Checkpoint
 from perfxllm.quant.formats import Int4Weight, Int8Weight
 from perfxllm.quant.rtn import QuantSpec
 
@@ -19,10 +19,13 @@ METHODS = {"int4": QuantSpec(bits=4, group_size=128), "int8": QuantSpec(bits=8)}
 
 
 class QuantizeOnLoad:
-    def __init__(self, source: Any, method: str) -> None:
+    """ckpt's tensors, its projections quantized; refuses a model whose widths take no group of the method."""
+
+    def __init__(self, ckpt: Checkpoint, method: str) -> None:
         if method not in METHODS:
             raise PerfxError(f"unknown --quantization {method!r} (choose from {', '.join(METHODS)})")
-        self.source, self.spec = source, METHODS[method]
+        self.source, self.spec = ckpt.source, METHODS[method]
+        self.spec.check_fits(ckpt.config, ckpt.path)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor | Int4Weight | Int8Weight]]:
         for name, tensor in self.source.iter_tensors():
