@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny_model
+from tiny_models import TINY_CONFIG, save_tiny_model
 
 
 def perfxllm(*args: str) -> subprocess.CompletedProcess:
@@ -165,18 +165,9 @@ def test_eval_record_that_is_not_json_is_refused_before_the_evaluation(tiny_llam
     assert_clean_error(perfxllm("eval", "ppl", str(tiny_llama), "--record", str(notes)), "notes.txt")
 
 
-TINY_CONFIG = {
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-}
-
-
 def test_gguf_of_a_billion_layers_is_one_line_not_a_hang(tmp_path):
     config, path = tmp_path / "config.json", tmp_path / "t.gguf"
-    config.write_text(json.dumps(TINY_CONFIG))
+    config.write_text(json.dumps({**TINY_CONFIG, "num_hidden_layers": 1}))
     assert perfxllm("export-gguf", "--random-weights", str(config), "-o", str(path)).returncode == 0
     key = struct.pack("<Q", 17) + b"llama.block_count" + struct.pack("<I", 4)  # a uint32 value follows
     path.write_bytes(path.read_bytes().replace(key + struct.pack("<I", 1), key + struct.pack("<I", 10**9)))

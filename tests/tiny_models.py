@@ -32,6 +32,17 @@ def train_tokenizer(vocab_size: int = 400):
     return tok
 
 
+# The config.json sizes of a tiny Llama, for tests that write or parse configs without a model.
+TINY_CONFIG = {
+    "vocab_size": 300,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+
+
 def save_tiny_model(folder: Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """A 2-layer random model of the given architecture with the trained tokenizer, saved for perfxllm."""
     import torch

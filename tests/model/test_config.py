@@ -6,19 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from tiny_models import TINY_CONFIG
 
 from perfxllm.errors import ModelLoadError
 from perfxllm.model.config import ModelConfig
 from perfxllm.model.random_weights import PRESETS
 
-TINY = {
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-}
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
 
@@ -47,7 +40,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 )
 def test_bad_field(fields: dict[str, Any], needle: str) -> None:
     with pytest.raises(ModelLoadError) as e:
-        ModelConfig.from_hf({**TINY, **fields}, "m/config.json")
+        ModelConfig.from_hf({**TINY_CONFIG, **fields}, "m/config.json")
     message = str(e.value)
     assert message.startswith("m/config.json") and needle in message and "\n" not in message
 
@@ -69,6 +62,6 @@ def test_largest_real_shapes_pass() -> None:
 
 
 def test_context_length_is_the_model_s_at_most_8192_unless_asked() -> None:
-    config = ModelConfig.from_hf({**TINY, "max_position_embeddings": 32768})
+    config = ModelConfig.from_hf({**TINY_CONFIG, "max_position_embeddings": 32768})
     assert (config.context_length(), config.context_length(10000)) == (8192, 10000)
-    assert ModelConfig.from_hf(TINY).context_length(10000) == 4096  # the default context
+    assert ModelConfig.from_hf(TINY_CONFIG).context_length(10000) == 4096  # the default context

@@ -9,6 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import TINY_CONFIG
 
 from perfxllm import LLM
 from perfxllm.engine.model_runner import prompt_logits
@@ -18,12 +19,7 @@ from perfxllm.model.loader import open_checkpoint
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    **TINY_CONFIG,
     "max_position_embeddings": 256,
     "rope_theta": 10000.0,
     "rms_norm_eps": 1e-5,

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny_model
+from tiny_models import TINY_CONFIG, save_tiny_model
 
 from perfxllm.errors import ModelLoadError
 from perfxllm.model.gguf_writer import write_gguf
@@ -21,12 +21,8 @@ from perfxllm.model.loader import build_model, open_checkpoint
 CPU = torch.device("cpu")
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 300,
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    **TINY_CONFIG,
     "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
     "max_position_embeddings": 256,
 }
 UP = "model.layers.0.mlp.up_proj.weight"
