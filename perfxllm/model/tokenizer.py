@@ -4,6 +4,8 @@ chat template, rendered in a sandboxed Jinja environment because templates ship 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from functools import cached_property
 from typing import Any
 
@@ -49,6 +51,26 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+# Bounds on one render. A template renders in milliseconds, but Jinja's sandbox bounds only each range() (to
+# 100,000 items), not loops inside loops, and the render runs on a thread of its own in the server.
+RENDER_SECONDS = 5.0
+RENDER_MAX_CHARS = 2**24  # four times the server's largest request body
+_render = threading.local()  # this thread's render deadline (a template is shared by the server's threads)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with every call the template makes (range() among them) checking the render deadline."""
+
+    def call(self, context: Any, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        _check_deadline()
+        return super().call(context, obj, *args, **kwargs)
+
+
+def _check_deadline() -> None:
+    if time.monotonic() > getattr(_render, "deadline", float("inf")):
+        raise TemplateError(f"it ran for over {RENDER_SECONDS:g} s")
+
+
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, config: dict[str, Any]) -> None:
         self.tok, self.config = tokenizer, config
@@ -70,7 +92,7 @@ class Tokenizer:
         source = _template_source(self.config.get("chat_template"))
         if not source:
             return None
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         try:
             return env.from_string(source)
@@ -101,17 +123,28 @@ class Tokenizer:
             # No template shipped: a plain "role: content" transcript, as llama.cpp falls back to.
             turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return turns + ("assistant: " if add_generation_prompt else "")
+        variables = dict(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        _render.deadline = time.monotonic() + RENDER_SECONDS
+        pieces, size = [], 0
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            for piece in self._template.generate(variables):
+                size += len(piece)
+                if size > RENDER_MAX_CHARS:
+                    raise TemplateError(f"its output passed {RENDER_MAX_CHARS} characters")
+                _check_deadline()
+                pieces.append(piece)
         except (TemplateError, RecursionError) as e:
             raise RequestError(f"chat template failed: {e}") from None
         except MemoryError:
             raise RequestError("chat template failed: it ran out of memory") from None
+        finally:
+            del _render.deadline
+        return "".join(pieces)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """Chat prompts carry their own BOS in the template text, so none is added (as transformers does)."""

@@ -9,6 +9,7 @@ import pytest
 from tiny_models import CHAT_TEMPLATE, train_tokenizer
 
 from perfxllm.errors import RequestError
+from perfxllm.model import tokenizer
 from perfxllm.model.tokenizer import Tokenizer
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -37,6 +38,25 @@ def test_broken_template_fails_chat_prompts_only(trained, template: Any, needle:
     with pytest.raises(RequestError) as e:
         tok.encode_chat(MESSAGES)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_template_render_is_bounded(trained, monkeypatch) -> None:
+    """Loops inside loops (each range() is within the sandbox's bound) stop at the time bound, with output or
+    without; output that outgrows the size bound stops there. Each is one line, and the next render works."""
+    monkeypatch.setattr(tokenizer, "RENDER_SECONDS", 0.2)
+    monkeypatch.setattr(tokenizer, "RENDER_MAX_CHARS", 10**6)
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}BODY{% endfor %}{% endfor %}"
+    cases = [
+        (loops.replace("BODY", ""), "chat template failed: it ran for over 0.2 s"),
+        (loops.replace("BODY", "{{ j }}"), "chat template failed: its output passed 1000000 characters"),
+        ('{{ "x" * 2000000 }}', "chat template failed: its output passed 1000000 characters"),
+    ]
+    for template, needle in cases:
+        tok = Tokenizer(trained, {"chat_template": template})
+        with pytest.raises(RequestError) as e:
+            tok.encode_chat(MESSAGES)
+        assert needle in str(e.value) and "\n" not in str(e.value)
+    assert Tokenizer(trained, {"chat_template": CHAT_TEMPLATE}).apply_chat_template(MESSAGES)
 
 
 def test_named_template_list(trained) -> None:
