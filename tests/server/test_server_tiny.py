@@ -148,6 +148,23 @@ def test_a_request_larger_than_the_queue_is_a_400_not_a_429(server):
     assert r.status_code == 400 and "at most 8" in r.json()["error"]["message"]
 
 
+def test_a_chat_template_that_loops_is_a_400(thread_server, tmp_path, monkeypatch):
+    """A model whose chat template loops inside loops: each chat request stops at the render's time bound with a
+    400 naming it, and the server goes on serving."""
+    from perfxllm.model import tokenizer
+
+    monkeypatch.setattr(tokenizer, "RENDER_SECONDS", 0.3)
+    model = save_tiny_model(tmp_path / "looping-template")
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": loops}))
+    with thread_server(Engine(EngineConfig(model=str(model))), ServerConfig()) as s:
+        for _ in range(2):
+            r = s.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 400 and "ran for over 0.3 s" in r.json()["error"]["message"], r.text
+        assert completion(s, prompt="The quick")["choices"]
+        assert s.healthy()
+
+
 def test_ctrl_c_ends_streams_in_flight_and_exits(spawn_server, tmp_path):
     model = save_tiny_model(tmp_path / "long-context", max_position_embeddings=8192)
     server = spawn_server(str(model)).wait_ready()
