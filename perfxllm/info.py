@@ -15,7 +15,7 @@ from perfxllm.model.hf_loader import read_json
 from perfxllm.model.loader import build_model, open_checkpoint, resolve_dtype
 from perfxllm.model.random_weights import PRESETS
 from perfxllm.model.registry import model_class
-from perfxllm.quant.formats import tensor_fields
+from perfxllm.quant.formats import map_tensors, tensor_fields
 from perfxllm.quant.save import DENSE_DTYPES
 
 
@@ -63,12 +63,16 @@ def estimate_weight_bytes(config: ModelConfig) -> dict[str, dict[str, int]]:
     for label, (spec, quantize_head) in variants.items():
         with torch.device("meta"):
             model = model_class(config.architecture)(config).to(torch.float16)
+        packed = {}  # by shape: the layers repeat a few shapes, and quantizing even meta tensors takes ~20 ms
         for name, mod in model.named_modules():
             if not isinstance(mod, Linear) or (name == "lm_head" and config.tie_word_embeddings):
                 continue
             w = torch.empty(mod.out_features, mod.in_features, dtype=torch.float16, device="meta")
-            quantize = spec is not None and (name != "lm_head" or quantize_head)
-            mod.weight = spec.quantize(w) if quantize else w
+            if spec is not None and (name != "lm_head" or quantize_head):
+                if w.shape not in packed:
+                    packed[w.shape] = spec.quantize(w)
+                w = map_tensors(packed[w.shape], torch.empty_like)  # tensors of their own: each is counted
+            mod.weight = w
         out[label] = weight_bytes_by_format(model)
     return out
 
