@@ -212,7 +212,7 @@ def _assign(model: nn.Module, name: str, tensor: Weight, device: torch.device, d
     ):  # a packed embedding: the embedding table is gathered, not multiplied
         tensor = tensor.dequantize(dtype)
     _check_shape(name, tensor, tuple(param.shape))
-    param.data = tensor.to(device=device, dtype=dtype)
+    setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device, config: ModelConfig) -> torch.dtype:

@@ -67,3 +67,16 @@ def test_rotary_table_covers_the_positions_used(tmp_path: Path) -> None:
     ckpt = open_checkpoint(None, config_file(tmp_path, max_position_embeddings=2**22))
     assert build_model(ckpt, CPU, torch.float32).cos_sin_cache.shape == (8192, 16)
     assert build_model(ckpt, CPU, torch.float32, max_positions=10000).cos_sin_cache.shape == (10000, 16)
+
+
+def test_config_far_larger_than_its_weights_fails_on_a_weight(tmp_path: Path) -> None:
+    """A config.json whose sizes (each within its bound) describe a 4M x 128K embedding, over tiny weights:
+    the first weight's shape is the error, before anything of the config's size is allocated (the embedding
+    was: a 2 TB allocation and a torch traceback)."""
+    folder = save_tiny_model(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    big = dict(
+        vocab_size=2**22, hidden_size=2**17, num_attention_heads=1024, num_key_value_heads=1024, head_dim=64
+    )
+    (folder / "config.json").write_text(json.dumps({**config, **big}))
+    assert "expected (4194304, 131072)" in load_error(folder)
