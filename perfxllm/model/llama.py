@@ -107,8 +107,8 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         # on no device and not initialised: the loader gives it its tensor (allocated here it was vocab x hidden
-        # floats, filled with random numbers and thrown away: 3 GB and 2.6 s for Llama 3 8B on a CPU; and a
-        # random fill even on the meta device imports torch._dynamo, 1.3 s)
+        # floats filled with random numbers and thrown away, 3.1 GB and 3.7 s for Llama 3 8B on a CPU, see
+        # ab-cpu-load-memory.json; a random fill even on the meta device imports torch._dynamo, 1.3 s)
         table = torch.empty(config.vocab_size, config.hidden_size, device="meta")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
